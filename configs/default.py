@@ -1,0 +1,89 @@
+"""Default configuration: every field a run can set, with neutral values.
+
+Experiment configs (`cifar.py`, `digits.py`, ...) import this and override a
+few fields, so every run has the same tree and command-line overrides look the
+same everywhere (`--config.training.batch_size=64`).
+"""
+
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = data = ml_collections.ConfigDict()
+  data.dataset = 'cifar10'  # tfds name, 'digits', or 'folder'
+  data.split = 'train'
+  data.eval_split = 'test'
+  data.image_size = 32
+  data.channels = 3
+  data.random_flip = True
+  data.data_dir = ''  # tfds data_dir, or the image folder for 'folder'
+  data.center_crop = True
+  data.shuffle_buffer = 10_000
+
+  config.model = model = ml_collections.ConfigDict()
+  model.ch = 128
+  model.ch_mult = (1, 2, 2, 2)
+  model.num_res_blocks = 2
+  model.attn_resolutions = (16,)
+  model.dropout = 0.1
+  model.num_classes = 0  # 0: unconditional
+  model.class_dropout = 0.0  # label dropout to the null class (classifier-free guidance)
+  model.num_heads = 1
+  model.resblock_updown = False  # BigGAN-style up/down ResBlocks
+  model.resamp_with_conv = True
+  model.norm_groups = 32
+  model.norm_eps = 1e-6
+  model.dtype = 'float32'  # compute dtype; params stay float32
+  model.remat = False
+
+  config.diffusion = diffusion = ml_collections.ConfigDict()
+  diffusion.num_timesteps = 1000
+  diffusion.beta_schedule = 'linear'
+  diffusion.beta_start = 1e-4
+  diffusion.beta_end = 0.02
+  diffusion.model_mean_type = 'eps'  # eps | x0 | v
+  diffusion.model_var_type = 'fixedlarge'  # fixedlarge | fixedsmall | learned | learned_range
+  diffusion.loss_type = 'mse'  # mse | kl | hybrid
+  diffusion.timestep_sampler = 'uniform'  # uniform | loss_aware
+
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.lr = 2e-4
+  optim.warmup_steps = 5000
+  optim.grad_clip = 1.0
+  optim.beta1 = 0.9
+  optim.beta2 = 0.999
+  optim.eps = 1e-8
+  optim.weight_decay = 0.0
+  optim.ema_decay = 0.9999
+
+  config.training = training = ml_collections.ConfigDict()
+  training.batch_size = 128  # global, across all devices and hosts
+  training.num_train_steps = 800_000
+  training.steps_per_call = 1  # train steps fused into one jitted call (lax.scan)
+  training.log_every = 100
+  training.checkpoint_every = 10_000
+  training.keep_checkpoints = 3
+  training.sample_every = 10_000
+  training.eval_every = 0  # 0: no evaluation during training
+  training.num_sample_grid = 64
+
+  config.sampling = sampling = ml_collections.ConfigDict()
+  sampling.sampler = 'ddpm'  # ddpm | ddim
+  sampling.num_steps = 1000
+  sampling.eta = 0.0
+  sampling.clip_denoised = True
+  sampling.num_samples = 64
+  sampling.batch_size = 64
+  sampling.guidance_scale = 0.0
+  # Cheap sampler for the grids written during training.
+  sampling.train_grid_sampler = 'ddim'
+  sampling.train_grid_steps = 50
+
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.num_samples = 1000  # samples for FID/KID during training
+  ev.bpd_num_examples = 256  # held-out images for bits/dim during training
+  ev.inception_weights = ''  # path to pt_inception-2015-12-05 weights
+  return config
