@@ -1,0 +1,324 @@
+"""Samplers against closed forms.
+
+With data x_0 ~ N(MU, S^2) per pixel the optimal noise predictor is known in
+closed form, q(x_t) = N(sqrt(abar_t) MU, abar_t S^2 + 1 - abar_t) and
+
+  E[eps | x_t] = sqrt(1 - abar_t) (x_t - sqrt(abar_t) MU) / (abar_t S^2 + 1 - abar_t),
+
+so every sampler is a linear-Gaussian recursion x_{t-1} = A_t x_t + B_t + sigma_t z whose
+output mean and standard deviation a float64 NumPy loop computes exactly. The samplers'
+Monte-Carlo moments must match that recursion, and the 1000-step samplers must reproduce
+(MU, S) itself. (Few-step samplers are biased by their discretisation: 50 DDIM steps give
+a standard deviation 12% (eta=0) to 21% (eta=1) too small for S=0.2; the recursion shows it.)
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxddpm import samplers
+from jaxddpm import schedules
+
+MU, S = 0.3, 0.2
+SHAPE = (4, 32, 32, 1)  # 4096 i.i.d. pixels
+N = int(np.prod(SHAPE))
+T = 1000
+BETAS = np.linspace(1e-4, 0.02, T)
+
+
+@pytest.fixture(scope='module')
+def schedule():
+  return schedules.make_schedule('linear', T)
+
+
+def gaussian_model(mean_type='eps', var_type='fixedlarge', mu=MU, s=S, counter=None):
+  """The optimal model for x_0 ~ N(mu, s^2), called with original timesteps."""
+  abar = jnp.asarray(np.cumprod(1.0 - BETAS), jnp.float32)
+
+  def model_fn(x, t):
+    if counter is not None:
+      counter.append(1)  # runs once per trace
+    a = abar[t][:, None, None, None]
+    eps = jnp.sqrt(1 - a) * (x - jnp.sqrt(a) * mu) / (a * s ** 2 + 1 - a)
+    x0 = (x - jnp.sqrt(1 - a) * eps) / jnp.sqrt(a)
+    out = {'eps': eps, 'x0': x0, 'v': jnp.sqrt(a) * eps - jnp.sqrt(1 - a) * x0}[mean_type]
+    if var_type == 'learned_range':
+      out = jnp.concatenate([out, jnp.zeros_like(out)], axis=-1)  # frac = 1/2
+    return out
+
+  return model_fn
+
+
+def exact_moments(use, kind, eta=0.0, var_type='fixedlarge', times=None, ops=None,
+                  mu=MU, s=S):
+  """Mean and std of the sampler's output for x_T ~ N(0, 1), in float64.
+
+  Args:
+    use: kept timesteps (sorted); the respaced process has abar'_k = abar[use[k]].
+    kind: 'ddpm' or 'ddim'.
+    times, ops: a RePaint plan (default: plain descending).
+  """
+  abar_full = np.cumprod(1.0 - BETAS)
+  ab = abar_full[np.asarray(use)]
+  abp = np.append(1.0, ab[:-1])
+  b = 1.0 - ab / abp
+  post = b * (1.0 - abp) / (1.0 - ab)
+  post_clipped = np.append(post[1], post[1:])
+  if times is None:
+    times = np.arange(len(use))[::-1]
+    ops = np.full(len(use), samplers.OP_DENOISE)
+  m, v = 0.0, 1.0
+  for i, op in zip(times, ops):
+    if op == samplers.OP_RENOISE:
+      m, v = np.sqrt(1 - b[i]) * m, (1 - b[i]) * v + b[i]
+      continue
+    a, ap = ab[i], abp[i]
+    k = np.sqrt(1 - a) / (a * s ** 2 + 1 - a)  # eps = k (x - sqrt(a) mu)
+    c1, c0 = (1 - np.sqrt(1 - a) * k) / np.sqrt(a), np.sqrt(1 - a) * k * mu  # x0 = c1 x + c0
+    if kind == 'ddim':
+      sig2 = eta ** 2 * (1 - ap) / (1 - a) * (1 - a / ap)
+      d = np.sqrt(1 - ap - sig2)
+      A, B = np.sqrt(ap) * c1 + d * k, np.sqrt(ap) * c0 - d * k * np.sqrt(a) * mu
+    else:
+      coef1 = np.sqrt(ap) * b[i] / (1 - a)
+      coef2 = np.sqrt(1 - b[i]) * (1 - ap) / (1 - a)
+      A, B = coef1 * c1 + coef2, coef1 * c0
+      sig2 = {'fixedlarge': b[i], 'fixedsmall': post[i],
+              'learned_range': np.sqrt(b[i] * post_clipped[i])}[var_type]
+    m, v = A * m + B, A * A * v + (sig2 if i > 0 else 0.0)
+  return m, np.sqrt(v)
+
+
+def assert_moments(x, mean, std, n=N):
+  """Sample mean and std within 4.5 Monte-Carlo standard errors of (mean, std)."""
+  x = np.asarray(x, np.float64).ravel()
+  assert abs(x.mean() - mean) < 4.5 * std / np.sqrt(n), (x.mean(), mean)
+  assert abs(x.std() - std) < 4.5 * std / np.sqrt(2 * n), (x.std(), std)
+
+
+@pytest.mark.parametrize('mean_type,var_type', [
+    ('eps', 'fixedlarge'), ('x0', 'fixedsmall'), ('v', 'learned_range')])
+def test_ancestral_1000_steps_reproduces_gaussian(schedule, mean_type, var_type):
+  sampler = samplers.make_sampler(schedule, sampler='ddpm', model_mean_type=mean_type,
+                                  model_var_type=var_type, clip_denoised=False)
+  x = samplers.sample(gaussian_model(mean_type, var_type), sampler, jax.random.key(0), SHAPE)
+  assert_moments(x, *exact_moments(np.arange(T), 'ddpm', var_type=var_type))
+  assert_moments(x, MU, S)
+
+
+def test_ddim_1000_steps_reproduces_gaussian(schedule):
+  sampler = samplers.make_sampler(schedule, sampler='ddim', clip_denoised=False)
+  x = samplers.sample(gaussian_model(), sampler, jax.random.key(1), SHAPE)
+  assert_moments(x, MU, S)
+
+
+@pytest.mark.parametrize('kind,num_steps,eta,spacing', [
+    ('ddim', 50, 0.0, 'uniform'), ('ddim', 50, 1.0, 'uniform'), ('ddim', 50, 0.5, 'quad'),
+    ('ddpm', 100, 0.0, 'uniform')])
+def test_few_steps_match_exact_recursion(schedule, kind, num_steps, eta, spacing):
+  sampler = samplers.make_sampler(schedule, sampler=kind, num_steps=num_steps, eta=eta,
+                                  timestep_spacing=spacing, clip_denoised=False)
+  x = samplers.sample(gaussian_model(), sampler, jax.random.key(2), SHAPE)
+  use = schedules.space_timesteps(T, num_steps, spacing)
+  mean, std = exact_moments(use, kind, eta)
+  assert_moments(x, mean, std)
+  # The discretisation bias is real but bounded (and absent at 1000 steps, see above).
+  assert abs(mean - MU) < 0.01 and abs(std - S) < 0.25 * S
+
+
+def test_ddim_eta0_is_deterministic_given_x_T(schedule):
+  sampler = samplers.make_sampler(schedule, sampler='ddim', num_steps=20)
+  model_fn = gaussian_model()
+  x_T = jax.random.normal(jax.random.key(3), SHAPE)
+  a = samplers.sample(model_fn, sampler, jax.random.key(4), x_T=x_T)
+  b = samplers.sample(model_fn, sampler, jax.random.key(5), x_T=x_T)
+  np.testing.assert_array_equal(a, b)
+  stochastic = samplers.make_sampler(schedule, sampler='ddim', num_steps=20, eta=1.0)
+  c = samplers.sample(model_fn, stochastic, jax.random.key(4), x_T=x_T)
+  d = samplers.sample(model_fn, stochastic, jax.random.key(5), x_T=x_T)
+  assert np.abs(np.asarray(c) - np.asarray(d)).max() > 1e-2
+
+
+def test_ddim_matches_float64_reference_with_clipping():
+  """Deterministic DDIM on a respaced 'quad' plan with a nonlinear model and x_0 clipping."""
+  t_total, num_steps = 100, 12
+  betas = np.linspace(1e-4, 0.05, t_total)
+  schedule = schedules.schedule_from_betas(betas)
+
+  def model_fn(x, t):
+    return 0.8 * jnp.tanh(2.0 * x) + 0.002 * t[:, None, None, None]
+
+  sampler = samplers.make_sampler(schedule, sampler='ddim', num_steps=num_steps,
+                                  timestep_spacing='quad', clip_denoised=True)
+  x_T = jax.random.normal(jax.random.key(6), (2, 4, 4, 3))
+  got = samplers.sample(model_fn, sampler, jax.random.key(7), x_T=x_T)
+
+  use = np.unique((np.linspace(0, np.sqrt(0.8 * t_total), num_steps) ** 2).astype(int))
+  abar = np.cumprod(1.0 - betas)[use]
+  x = np.asarray(x_T, np.float64)
+  for i in reversed(range(len(use))):
+    a, ap = abar[i], (abar[i - 1] if i > 0 else 1.0)
+    eps = 0.8 * np.tanh(2.0 * x) + 0.002 * use[i]
+    x0 = np.clip((x - np.sqrt(1 - a) * eps) / np.sqrt(a), -1, 1)
+    eps = (x - np.sqrt(a) * x0) / np.sqrt(1 - a)
+    x = np.sqrt(ap) * x0 + np.sqrt(1 - ap) * eps
+  np.testing.assert_allclose(got, x, atol=2e-5)
+
+
+def test_same_key_same_samples_and_chunking_does_not_matter(schedule):
+  model_fn = gaussian_model()
+  one = samplers.make_sampler(schedule, sampler='ddpm', num_steps=30, num_chunks=1)
+  seven = samplers.make_sampler(schedule, sampler='ddpm', num_steps=30, chunk_length=7)
+  assert seven.num_chunks == 5 and seven.num_ops == 30
+  a = samplers.sample(model_fn, one, jax.random.key(8), (2, 4, 4, 1))
+  b = samplers.sample(model_fn, one, jax.random.key(8), (2, 4, 4, 1))
+  c = samplers.sample(model_fn, seven, jax.random.key(8), (2, 4, 4, 1))
+  d = samplers.sample(model_fn, seven, jax.random.key(9), (2, 4, 4, 1))
+  np.testing.assert_array_equal(a, b)
+  np.testing.assert_allclose(a, c, rtol=0, atol=1e-6)
+  assert np.abs(np.asarray(a) - np.asarray(d)).max() > 1e-2
+
+
+def test_compiled_once_for_all_chunks_and_etas(schedule):
+  counter = []
+  model_fn = gaussian_model(counter=counter)
+  for eta in (0.0, 0.5):
+    sampler = samplers.make_sampler(schedule, sampler='ddim', num_steps=40, eta=eta,
+                                    chunk_length=10)
+    assert sampler.num_chunks == 4
+    samplers.sample(model_fn, sampler, jax.random.key(10), (2, 4, 4, 1))
+  assert len(counter) == 1
+
+
+def test_intermediates_are_the_states_after_every_kth_op(schedule):
+  model_fn = gaussian_model()
+  x_T = jax.random.normal(jax.random.key(11), (2, 4, 4, 1))
+  sampler = samplers.make_sampler(schedule, sampler='ddim', num_steps=20,
+                                  intermediate_every=5, chunk_length=7)
+  assert sampler.chunk_length == 10
+  final, xs = samplers.sample(model_fn, sampler, jax.random.key(0), x_T=x_T,
+                              return_intermediates=True)
+  chex.assert_shape(xs, (4, 2, 4, 4, 1))
+  np.testing.assert_array_equal(xs[-1], final)
+  # The same states, from a plan run in chunks of 5 without a trajectory.
+  plain = samplers.make_sampler(schedule, sampler='ddim', num_steps=20, chunk_length=5)
+  state = plain.init(jax.random.key(0), x_T=x_T)
+  run_chunk = jax.jit(samplers.run_chunk, static_argnums=1)
+  for i, start in enumerate(plain.chunk_starts):
+    state, none = run_chunk(plain, model_fn, state, start)
+    assert none is None
+    np.testing.assert_allclose(xs[i], state.x, atol=1e-6)
+
+
+def test_classifier_free_guidance_combines_predictions():
+  num_classes, w = 10, 2.5
+
+  def model_fn(x, t, y):
+    eps = x * (1.0 + 0.1 * y[:, None, None, None]) + 0.01 * t[:, None, None, None]
+    var = jnp.broadcast_to(0.05 * y[:, None, None, None], x.shape)
+    return jnp.concatenate([eps, var], axis=-1)
+
+  x = jax.random.normal(jax.random.key(12), (3, 2, 2, 2))
+  t = jnp.array([5, 50, 500])
+  y = jnp.array([0, 3, 9])
+  guided = jax.jit(lambda f, x, t, y: f(x, t, y=y))(
+      samplers.classifier_free_guidance(model_fn, w, num_classes), x, t, y)
+
+  xn, tn, yn = (np.asarray(a, np.float64) for a in (x, t, y))
+  cond = xn * (1 + 0.1 * yn[:, None, None, None]) + 0.01 * tn[:, None, None, None]
+  uncond = xn * (1 + 0.1 * num_classes) + 0.01 * tn[:, None, None, None]
+  want = np.concatenate([(1 + w) * cond - w * uncond,
+                         np.broadcast_to(0.05 * yn[:, None, None, None], xn.shape)], -1)
+  np.testing.assert_allclose(guided, want, rtol=1e-5, atol=1e-5)
+
+
+def test_guided_sampling_compiles_once_for_all_scales(schedule):
+  counter = []
+
+  def model_fn(x, t, y):
+    counter.append(1)
+    return 0.5 * x + 0.1 * y[:, None, None, None]
+
+  sampler = samplers.make_sampler(schedule, sampler='ddim', num_steps=5, clip_denoised=False)
+  y = jnp.array([1, 2])
+  outs = [samplers.sample(samplers.classifier_free_guidance(model_fn, w, 10), sampler,
+                          jax.random.key(0), (2, 4, 4, 1), model_kwargs={'y': y})
+          for w in (0.0, 3.0)]
+  assert len(counter) == 1
+  assert np.abs(np.asarray(outs[0]) - np.asarray(outs[1])).max() > 1e-3
+
+
+def _inpainting_setup():
+  known = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, SHAPE), jnp.float32)
+  mask = np.zeros(SHAPE, np.float32)
+  mask[:, :, :16] = 1.0  # keep the left half
+  return known, jnp.asarray(mask)
+
+
+@pytest.mark.parametrize('resample,jump', [(1, 1), (3, 5)])
+def test_inpainting_keeps_known_pixels_and_samples_the_rest(schedule, resample, jump):
+  """Replacement (resample=1) and RePaint: known pixels exact; the unknown pixels are
+  independent of them here, so they follow the plan's exact recursion."""
+  known, mask = _inpainting_setup()
+  sampler = samplers.make_sampler(schedule, sampler='ddpm', num_steps=50,
+                                  repaint_resample=resample, repaint_jump_length=jump,
+                                  clip_denoised=False)
+  x = samplers.sample(gaussian_model(), sampler, jax.random.key(13), SHAPE,
+                      known=known, mask=mask)
+  x, known = np.asarray(x), np.asarray(known)
+  np.testing.assert_array_equal(x[:, :, :16], known[:, :, :16])
+  times, ops = samplers.repaint_plan(50, jump, resample)
+  use = schedules.space_timesteps(T, 50, 'uniform')
+  assert_moments(x[:, :, 16:], *exact_moments(use, 'ddpm', times=times, ops=ops), n=N // 2)
+  psnr = samplers.masked_psnr(x, known, mask)
+  chex.assert_shape(psnr, (SHAPE[0],))
+  assert np.all(np.isfinite(psnr))
+
+
+def test_repaint_plan_small_example():
+  times, ops = samplers.repaint_plan(6, jump_length=2, resample=2)
+  d, r = samplers.OP_DENOISE, samplers.OP_RENOISE
+  # Indices visited: 5 4 3 2 | up 3 4 | 3 2 1 0 | up 1 2 | 1 0.
+  np.testing.assert_array_equal(times, [5, 4, 3, 2, 2, 3, 3, 2, 1, 0, 0, 1, 1, 0])
+  np.testing.assert_array_equal(ops, [d, d, d, d, r, r, d, d, d, d, r, r, d, d])
+
+
+@pytest.mark.parametrize('num_steps,jump,resample', [(250, 10, 10), (37, 4, 3), (20, 1, 1)])
+def test_repaint_plan_is_consistent(num_steps, jump, resample):
+  """Each op starts where the previous one ended, and it ends at the data (level -1).
+  The paper's setting (T=250, L=10, r=10) has 24 jump points."""
+  times, ops = samplers.repaint_plan(num_steps, jump, resample)
+  level = num_steps - 1
+  for t, op in zip(times, ops):
+    if op == samplers.OP_DENOISE:
+      assert t == level
+      level -= 1
+    else:
+      assert t == level + 1
+      level += 1
+  assert level == -1
+  num_jumps = len(range(0, num_steps - jump, jump))
+  assert (ops == samplers.OP_RENOISE).sum() == num_jumps * (resample - 1) * jump
+  if num_steps == 250:
+    assert (ops == samplers.OP_DENOISE).sum() == 250 + 24 * 9 * 10
+
+
+def test_masked_psnr_matches_numpy():
+  rng = np.random.default_rng(1)
+  x, ref = rng.uniform(-1, 1, (2, 4, 4, 3)), rng.uniform(-1, 1, (2, 4, 4, 3))
+  mask = (rng.uniform(size=(2, 4, 4, 1)) > 0.5).astype(np.float64)
+  got = samplers.masked_psnr(x, ref, mask)
+  for i in range(2):
+    fill = np.broadcast_to(mask[i] == 0, x[i].shape)
+    mse = np.mean((x[i][fill] - ref[i][fill]) ** 2)
+    np.testing.assert_allclose(got[i], 10 * np.log10(4.0 / mse), rtol=1e-5)
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(num_steps=1001), 'num_steps'), (dict(eta=1.5), 'eta'),
+    (dict(sampler='euler'), 'sampler'), (dict(model_var_type='big'), 'model_var_type')])
+def test_bad_arguments_raise(schedule, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    samplers.make_sampler(schedule, **kwargs)
