@@ -143,6 +143,11 @@ class Checkpointer:
     metadata = self._manager.item_metadata(int(step))
     return sorted(name for name, value in metadata.items() if value is not None)
 
+  def item_shapes(self, step: int, name: str) -> PyTree:
+    """The saved item `name` of checkpoint `step` as a tree of `jax.ShapeDtypeStruct`s (no data read)."""
+    metadata = self._manager.item_metadata(int(step))[name]
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata)
+
   def restore_item(self, step: int, name: str) -> PyTree:
     """Restores one item as saved (nested dicts of arrays on the default device)."""
     metadata = self._manager.item_metadata(int(step))[name]
@@ -168,6 +173,20 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def saved_steps(workdir: str) -> list[int]:
+  """Steps of the complete checkpoints in `workdir/checkpoints`, read from the listing only.
+
+  Does not create anything, so it is safe for checks before a run starts.
+  Checkpoints still being written live in temporary folders whose names are
+  not plain integers.
+  """
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory)
+                if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
 
 
 def save_params(workdir: str, params: PyTree, *, step: int = 0,

@@ -79,9 +79,9 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
                        devices=devices)
 
 
-def data_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-  """Leading (batch) dimension split over 'data', the rest whole."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+def data_sharding(mesh: jax.sharding.Mesh, *, batch_axis: int = 0) -> NamedSharding:
+  """Dimension `batch_axis` split over 'data', the rest whole."""
+  return NamedSharding(mesh, P(*([None] * batch_axis), DATA_AXIS))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -99,18 +99,19 @@ def process_batch_size(global_batch_size: int) -> int:
   return global_batch_size // count
 
 
-def host_to_global(batch: Any, mesh: jax.sharding.Mesh) -> Any:
+def host_to_global(batch: Any, mesh: jax.sharding.Mesh, *, batch_axis: int = 0) -> Any:
   """Host-local NumPy batch -> global `jax.Array`s sharded on 'data'.
 
   Args:
-    batch: pytree of arrays [B_local, ...]; process p holds rows
-      [p * B_local, (p + 1) * B_local) of the global batch.
+    batch: pytree of arrays [B_local, ...] (batch dimension at `batch_axis`);
+      process p holds rows [p * B_local, (p + 1) * B_local) of the global batch.
     mesh: the mesh from `make_mesh`.
+    batch_axis: the batch dimension (1 for stacked batches [k, B_local, ...]).
 
   Returns:
-    The same pytree of global arrays [B_local * process_count, ...].
+    The same pytree of global arrays with B_local * process_count rows.
   """
-  sharding = data_sharding(mesh)
+  sharding = data_sharding(mesh, batch_axis=batch_axis)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
       batch)

@@ -1,0 +1,700 @@
+"""Training: the train state, the pure train step, and the loop that drives it.
+
+The core is `make_train_step`: a pure function (state, batches) -> (state,
+metrics) running `steps_per_call` optimizer steps with `lax.scan`. It is
+jit-compiled once per run over a mesh of every device of every process, the
+batch sharded on 'data', the state replicated and donated.
+
+Per step (DDPM Algorithm 1, Ho et al. 2020):
+
+  t ~ Uniform{0..T-1} (or IDDPM's importance sampling), eps ~ N(0, I),
+  loss = mean_b L(x_0, t, eps)  (`diffusion.training_losses`),
+  g = clip_by_global_norm(grad loss),  params <- Adam(g, lr_k),
+  lr_k = lr * min(1, k / warmup_steps)  (Appendix B: linear warmup),
+  ema <- decay * ema + (1 - decay) * params  (`optax.incremental_update`).
+
+All randomness of step k comes from fold_in(state.rng, k) and the batch of
+step k is a pure function of (seed, k) (see `jaxddpm.data`), so a run resumed
+from a checkpoint reproduces the uninterrupted run bit for bit, and the same
+run on 1 or N devices agrees to float32 rounding (threefry draws do not depend
+on the sharding).
+
+`train_and_evaluate(config, workdir)` is the shell around it: checks, data,
+checkpoints (resume, periodic, on SIGTERM/SIGINT, final), logging
+(config.json, metrics.jsonl, TensorBoard, progress), sample grids and the
+evaluation hook.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Callable
+
+from absl import logging
+import flax
+import jax
+from jax.tree_util import Partial
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from jaxddpm import checkpoint
+from jaxddpm import data as data_lib
+from jaxddpm import diffusion
+from jaxddpm import models
+from jaxddpm import parallel
+from jaxddpm import samplers
+from jaxddpm import schedules
+
+PyTree = Any
+
+# Sections of config.json that must match for a workdir's checkpoints to be resumed.
+COMPATIBLE_SECTIONS = ('model', 'diffusion', 'data')
+# data fields that say where data lives, not what it is: allowed to change on resume.
+_RELOCATABLE_DATA_FIELDS = ('data_dir',)
+
+
+class TrainError(Exception):
+  """A run that cannot start or continue; the message says why. run_train.py exits 1 with it."""
+
+
+class NonFiniteLossError(TrainError):
+  """The loss became NaN or Inf; the run stopped without saving that state."""
+
+
+# ---------------------------------------------------------------------------
+# State and optimizer.
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training; checkpointed as a whole.
+
+  step: int32 scalar, optimizer steps taken.
+  params: float32 U-Net parameters (the Flax 'params' collection).
+  ema_params: exponential moving average of params (used for sampling).
+  opt_state: the optax state (clip has none; Adam moments; schedule count).
+  rng: uint32 [2] base key; step k uses fold_in(rng, k).
+  timestep_state: `diffusion.LossAwareState` for importance-sampled t
+    (diffusion.timestep_sampler='loss_aware'), else None.
+  """
+  step: jax.Array
+  params: PyTree
+  ema_params: PyTree
+  opt_state: optax.OptState
+  rng: jax.Array
+  timestep_state: diffusion.LossAwareState | None = None
+
+
+def learning_rate_schedule(optim_config) -> optax.Schedule:
+  """lr_k = lr * min(1, k / warmup_steps): DDPM's linear warmup, then constant."""
+  lr = float(optim_config.lr)
+  warmup = int(optim_config.warmup_steps)
+  if warmup <= 0:
+    return optax.constant_schedule(lr)
+  return optax.linear_schedule(0.0, lr, warmup)
+
+
+def make_optimizer(optim_config) -> optax.GradientTransformation:
+  """clip_by_global_norm(grad_clip) -> Adam(lr schedule) (AdamW when weight_decay > 0)."""
+  lr = learning_rate_schedule(optim_config)
+  adam_kwargs = dict(b1=float(optim_config.beta1), b2=float(optim_config.beta2),
+                     eps=float(optim_config.eps))
+  if float(optim_config.weight_decay) > 0:
+    opt = optax.adamw(lr, weight_decay=float(optim_config.weight_decay), **adam_kwargs)
+  else:
+    opt = optax.adam(lr, **adam_kwargs)
+  if float(optim_config.grad_clip) > 0:
+    return optax.chain(optax.clip_by_global_norm(float(optim_config.grad_clip)), opt)
+  return opt
+
+
+def create_train_state(config, model, key: jax.Array) -> TrainState:
+  """A fresh state: params from `models.init_params`, EMA = params, step 0. Pure; jit it."""
+  init_key, rng = jax.random.split(key)
+  image_size, channels = int(config.data.image_size), int(config.data.channels)
+  x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
+  t = jnp.zeros((1,), jnp.int32)
+  y = jnp.zeros((1,), jnp.int32) if int(config.model.num_classes) > 0 else None
+  params = model.init(init_key, x, t, y)['params']
+  tx = make_optimizer(config.optim)
+  timestep_state = None
+  if config.diffusion.timestep_sampler == 'loss_aware':
+    timestep_state = diffusion.loss_aware_init(int(config.diffusion.num_timesteps))
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      ema_params=jax.tree.map(jnp.copy, params),
+      opt_state=tx.init(params),
+      rng=rng,
+      timestep_state=timestep_state)
+
+
+# ---------------------------------------------------------------------------
+# The pure train step.
+
+
+def make_train_step(config, model, schedule: schedules.Schedule) -> Callable:
+  """Returns train_steps(state, batches) -> (state, metrics), pure and jit-able.
+
+  Args of the returned function:
+    state: TrainState.
+    batches: {'image': float32 [k, B, H, W, C] in [-1, 1], 'label': int32 [k, B]
+      (class-conditional models only)}: the batches of k consecutive steps.
+
+  Returns:
+    The state after k steps, and metrics: dict of float32 [k] (loss, mse,
+    grad_norm, lr, and vb for VLB losses), one entry per step.
+
+  Class-conditional models get the labels as `y`; with train=True the U-Net
+  itself replaces each label by the null class with probability
+  config.model.class_dropout (classifier-free guidance), drawing from the
+  'dropout' rng of the step.
+  """
+  tx = make_optimizer(config.optim)
+  lr_schedule = learning_rate_schedule(config.optim)
+  types = diffusion.types_from_config(config.diffusion)
+  ema_decay = float(config.optim.ema_decay)
+  loss_aware = config.diffusion.timestep_sampler == 'loss_aware'
+  num_timesteps = schedule.num_timesteps
+
+  def loss_fn(params, batch, t, weights, noise, dropout_rng):
+    def model_fn(x, t, y=None):
+      return model.apply({'params': params}, x, t, y, train=True, rngs={'dropout': dropout_rng})
+
+    model_kwargs = {'y': batch['label']} if 'label' in batch else None
+    terms = diffusion.training_losses(
+        model_fn, schedule, batch['image'], t, noise, model_kwargs=model_kwargs, **types)
+    loss = jnp.mean(terms['loss'] * weights)
+    return loss, terms
+
+  def one_step(state: TrainState, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    t_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
+    x_start = batch['image']
+    batch_size = x_start.shape[0]
+    if loss_aware:
+      t, weights = diffusion.loss_aware_sample(t_rng, state.timestep_state, batch_size)
+    else:
+      t = diffusion.sample_timesteps(t_rng, batch_size, num_timesteps)
+      weights = jnp.ones((batch_size,), jnp.float32)
+    noise = jax.random.normal(noise_rng, x_start.shape, jnp.float32)
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch, t, weights, noise, dropout_rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema_params = optax.incremental_update(params, state.ema_params, step_size=1.0 - ema_decay)
+    timestep_state = state.timestep_state
+    if loss_aware:
+      timestep_state = diffusion.loss_aware_update(timestep_state, t, terms['loss'])
+    metrics = {
+        'loss': loss,
+        'mse': jnp.mean(terms['mse']),
+        'grad_norm': optax.global_norm(grads),
+        'lr': jnp.asarray(lr_schedule(state.step), jnp.float32),
+    }
+    if 'vb' in terms:
+      metrics['vb'] = jnp.mean(terms['vb'])
+    new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
+                              opt_state=opt_state, timestep_state=timestep_state)
+    return new_state, metrics
+
+  def train_steps(state: TrainState, batches):
+    return jax.lax.scan(one_step, state, batches)
+
+  return train_steps
+
+
+# ---------------------------------------------------------------------------
+# Sample grids and the evaluation hook.
+
+
+def _apply_model(model, params, x, t, y=None):
+  return model.apply({'params': params}, x, t, y, train=False)
+
+
+def make_grid_sampler(config, model, schedule: schedules.Schedule, mesh) -> Callable:
+  """Returns sample_grid(params, key) -> float32 [N, H, W, C] NumPy images in [-1, 1].
+
+  The few-step sampler of config.sampling.train_grid_sampler /
+  train_grid_steps (DDIM by default), N = config.training.num_sample_grid,
+  class-conditional models cycling through the classes. The starting noise
+  is sharded on 'data' when N divides over the devices. All processes must
+  call it (the parameters are global arrays).
+  """
+  types = diffusion.types_from_config(config.diffusion)
+  sampler = samplers.make_sampler(
+      schedule,
+      sampler=config.sampling.train_grid_sampler,
+      num_steps=min(int(config.sampling.train_grid_steps), schedule.num_timesteps),
+      eta=float(config.sampling.eta),
+      model_mean_type=types['model_mean_type'],
+      model_var_type=types['model_var_type'],
+      clip_denoised=bool(config.sampling.clip_denoised))
+  num = int(config.training.num_sample_grid)
+  shape = (num, int(config.data.image_size), int(config.data.image_size), int(config.data.channels))
+  num_classes = int(config.model.num_classes)
+  sharding = (parallel.data_sharding(mesh) if num % mesh.size == 0
+              else parallel.replicated(mesh))
+  apply = Partial(_apply_model, model)
+
+  @jax.jit
+  def start(key):
+    x_T = jax.random.normal(key, shape, jnp.float32)
+    x_T = jax.lax.with_sharding_constraint(x_T, sharding)
+    y = jnp.arange(num, dtype=jnp.int32) % max(num_classes, 1)
+    return x_T, jax.lax.with_sharding_constraint(y, sharding)
+
+  def sample_grid(params, key):
+    x_T, y = start(key)
+    model_kwargs = {'y': y} if num_classes > 0 else None
+    x = samplers.sample(Partial(apply, params), sampler, key, x_T=x_T, model_kwargs=model_kwargs)
+    return _fetch(x)
+
+  return sample_grid
+
+
+def _fetch(x: jax.Array) -> np.ndarray:
+  """A global array -> NumPy on every process (gathers shards across processes)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def image_grid(images: np.ndarray, *, padding: int = 2) -> np.ndarray:
+  """[N, H, W, C] in [-1, 1] -> uint8 [rows*(H+p)+p, cols*(W+p)+p, C], cols = ceil(sqrt(N))."""
+  n, h, w, c = images.shape
+  cols = math.ceil(math.sqrt(n))
+  rows = math.ceil(n / cols)
+  pixels = np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+  grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, c), np.uint8)
+  for i in range(n):
+    r, q = divmod(i, cols)
+    top, left = padding + r * (h + padding), padding + q * (w + padding)
+    grid[top:top + h, left:left + w] = pixels[i]
+  return grid
+
+
+def save_image_grid(images: np.ndarray, path: str) -> None:
+  """Writes `image_grid(images)` as a PNG."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  grid = image_grid(images)
+  if grid.shape[-1] == 1:
+    grid = grid[..., 0]
+  Image.fromarray(grid).save(path)
+
+
+def evaluate(config, model, schedule: schedules.Schedule, state: TrainState, mesh) -> dict[str, float]:
+  """Evaluation during training, every config.training.eval_every steps.
+
+  The hook for held-out bits/dim and sample-quality metrics (FID, ...),
+  computed with the EMA parameters. Returns {name: value}; the loop writes
+  them to metrics.jsonl and TensorBoard under 'eval/<name>'. All processes
+  call it. No metrics yet.
+  """
+  del config, model, schedule, state, mesh
+  return {}
+
+
+# ---------------------------------------------------------------------------
+# Checks before any compute.
+
+
+def _config_json(config) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def _comparable(section_name: str, section: dict) -> dict:
+  if section_name == 'data':
+    return {k: v for k, v in section.items() if k not in _RELOCATABLE_DATA_FIELDS}
+  return section
+
+
+def _diff_keys(old: dict, new: dict, prefix: str) -> list[str]:
+  diffs = []
+  for key in sorted(set(old) | set(new)):
+    if old.get(key) != new.get(key):
+      diffs.append(f'{prefix}.{key}: {old.get(key)!r} (saved) vs {new.get(key)!r}')
+  return diffs
+
+
+def check_config(config) -> None:
+  """Raises TrainError for a config that cannot train, before any compute."""
+  if int(config.training.num_train_steps) < 0:
+    raise TrainError('training.num_train_steps must be >= 0.')
+  try:
+    diffusion.types_from_config(config.diffusion)
+  except ValueError as e:
+    raise TrainError(f'Bad diffusion config: {e}') from e
+  if config.diffusion.timestep_sampler not in ('uniform', 'loss_aware'):
+    raise TrainError(
+        f"diffusion.timestep_sampler must be 'uniform' or 'loss_aware', "
+        f'got {config.diffusion.timestep_sampler!r}.')
+  try:
+    schedules.schedule_from_config(config.diffusion)
+  except ValueError as e:
+    raise TrainError(f'Bad diffusion schedule: {e}') from e
+  size = int(config.data.image_size)
+  levels = len(config.model.ch_mult)
+  factor = 2 ** (levels - 1)
+  if size <= 0 or size % factor:
+    raise TrainError(
+        f'data.image_size={size} cannot go through the U-Net: its {levels} levels '
+        f'(model.ch_mult={tuple(config.model.ch_mult)}) halve the image {levels - 1} times, '
+        f'so the size must be a positive multiple of {factor}.')
+  resolutions = {size // 2**i for i in range(levels)}
+  missing = [r for r in config.model.attn_resolutions if r not in resolutions]
+  if missing:
+    raise TrainError(
+        f'model.attn_resolutions {tuple(config.model.attn_resolutions)} names resolutions '
+        f'{missing} the U-Net never has; with image_size={size} they are {sorted(resolutions)}.')
+  try:
+    models.unet_config_from(config)
+  except (ValueError, TypeError) as e:
+    raise TrainError(f'Bad model config: {e}') from e
+  batch = int(config.training.batch_size)
+  devices = jax.device_count()
+  if batch <= 0 or batch % devices:
+    raise TrainError(
+        f'training.batch_size={batch} (global) is not divisible by the {devices} devices; '
+        f'use a multiple of {devices}.')
+  processes = jax.process_count()
+  if batch % processes:
+    raise TrainError(
+        f'training.batch_size={batch} (global) is not divisible by the {processes} processes.')
+  for name in ('log_every', 'checkpoint_every', 'sample_every', 'eval_every', 'steps_per_call'):
+    if int(config.training[name]) < 0:
+      raise TrainError(f'training.{name} must be >= 0.')
+  if int(config.training.log_every) == 0:
+    raise TrainError('training.log_every must be positive.')
+  if int(config.training.sample_every) > 0 and int(config.training.num_sample_grid) <= 0:
+    raise TrainError('training.num_sample_grid must be positive when sample_every > 0.')
+
+
+def check_workdir(config, workdir: str) -> None:
+  """Raises TrainError when `workdir` is unwritable or holds a different run's checkpoints."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix='.write_test'):
+      pass
+  except OSError as e:
+    raise TrainError(f'Cannot write to workdir {workdir!r}: {e}') from e
+  if not checkpoint.saved_steps(workdir):
+    return
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return  # nothing to compare with; the parameter shapes are checked on restore
+  with open(path) as f:
+    try:
+      saved = json.load(f)
+    except json.JSONDecodeError as e:
+      raise TrainError(f'{path} is not valid JSON ({e}); cannot check it matches this run.') from e
+  current = _config_json(config)
+  diffs = []
+  for section in COMPATIBLE_SECTIONS:
+    diffs += _diff_keys(_comparable(section, saved.get(section, {})),
+                        _comparable(section, current.get(section, {})), section)
+  if diffs:
+    raise TrainError(
+        f'Workdir {workdir!r} holds checkpoints of a different run; its config.json differs in '
+        + '; '.join(diffs) + '. Use a new workdir (or delete the old one) to train this config.')
+
+
+def _check_restorable(ckpt: checkpoint.Checkpointer, step: int, abstract: TrainState,
+                      workdir: str) -> None:
+  """Checks the saved checkpoint's items and parameter shapes against this run's model."""
+  names = ckpt.item_names(step)
+  if 'train' not in names:
+    raise TrainError(
+        f'Checkpoint {step} in {workdir!r} holds parameters only (no optimizer state), '
+        'so training cannot resume from it. Use a new workdir.')
+  saved = ckpt.item_shapes(step, 'params')
+  want = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract.params)
+  same_tree = jax.tree.structure(saved) == jax.tree.structure(want)
+  if not same_tree or any(a.shape != b.shape for a, b in
+                          zip(jax.tree.leaves(saved), jax.tree.leaves(want))):
+    raise TrainError(
+        f'Checkpoint {step} in {workdir!r} holds a different model (parameter shapes '
+        'differ from this config). Use a new workdir.')
+
+
+# ---------------------------------------------------------------------------
+# Logging.
+
+
+class _MetricWriter:
+  """metrics.jsonl + TensorBoard events in the workdir (process 0 only)."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    if not enabled:
+      return
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    self._tb = tensorboardX.SummaryWriter(workdir)
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps({'step': int(step), **metrics}) + '\n')
+    self._jsonl.flush()
+    for k, v in metrics.items():
+      self._tb.add_scalar(k, v, int(step))
+    self._tb.flush()
+
+  def image(self, step: int, tag: str, grid: np.ndarray) -> None:
+    if self.enabled:
+      self._tb.add_image(tag, grid, int(step), dataformats='HWC')
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+class _Progress:
+  """A tqdm bar on a terminal, plain log lines otherwise."""
+
+  def __init__(self, start: int, total: int, enabled: bool):
+    self._bar = None
+    if enabled and sys.stderr.isatty():
+      import tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = tqdm.tqdm(total=total, initial=start, unit='step', dynamic_ncols=True)
+    self.enabled = enabled
+    self.total = total
+
+  def advance(self, n: int) -> None:
+    if self._bar is not None:
+      self._bar.update(n)
+
+  def log(self, step: int, metrics: dict[str, float]) -> None:
+    if self._bar is not None:
+      self._bar.set_postfix(loss=f'{metrics["loss"]:.4f}', refresh=False)
+    elif self.enabled:
+      logging.info('step %d/%d  loss %.5f  grad_norm %.3f  lr %.2e  %.2f steps/s  %.1f images/s',
+                   step, self.total, metrics['loss'], metrics['grad_norm'], metrics['lr'],
+                   metrics['steps_per_sec'], metrics['images_per_sec'])
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+
+
+class _StopSignal:
+  """Records SIGTERM/SIGINT; the loop saves a checkpoint at the next step boundary and stops."""
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def requested(self) -> bool:
+    """Whether any process was signalled (all processes must stop at the same step)."""
+    local = self.signum is not None
+    if jax.process_count() == 1:
+      return local
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return bool(np.any(multihost_utils.process_allgather(np.array(local))))
+
+
+# ---------------------------------------------------------------------------
+# The loop.
+
+
+def _crossed(before: int, after: int, every: int) -> bool:
+  """Whether a multiple of `every` lies in (before, after]."""
+  return every > 0 and after // every > before // every
+
+
+def _steps_per_call(config, start_step: int) -> int:
+  """config.training.steps_per_call, reduced so that calls end exactly on every
+  log/checkpoint/sample/eval step and on num_train_steps (one compilation)."""
+  k = max(1, int(config.training.steps_per_call))
+  t = config.training
+  for every in (t.log_every, t.checkpoint_every, t.sample_every, t.eval_every,
+                t.num_train_steps, start_step):
+    if int(every) > 0:
+      k = math.gcd(k, int(every))
+  return k
+
+
+def _host_metrics(pending: list[tuple[int, dict[str, jax.Array]]]) -> tuple[list[int], dict[str, np.ndarray]]:
+  """Device metrics of past calls -> (steps, {name: [n] NumPy}) in step order."""
+  steps, values = [], {}
+  for first_step, metrics in pending:
+    host = jax.device_get(metrics)
+    n = len(next(iter(host.values())))
+    steps.extend(range(first_step + 1, first_step + n + 1))
+    for k, v in host.items():
+      values.setdefault(k, []).append(np.asarray(v))
+  return steps, {k: np.concatenate(v) for k, v in values.items()}
+
+
+def _check_finite(steps: list[int], values: dict[str, np.ndarray], last_saved: int | None) -> None:
+  bad = ~np.isfinite(values['loss'])
+  if bad.any():
+    i = int(np.argmax(bad))
+    kept = ('the last checkpoint (step %d) is intact' % last_saved if last_saved is not None
+            else 'no checkpoint was written')
+    raise NonFiniteLossError(
+        f'Loss is {values["loss"][i]} at step {steps[i]}; training stopped and {kept}. '
+        'Try a lower optim.lr, a stronger optim.grad_clip or float32 compute.')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint.
+
+  Returns a summary: {'step': last step, 'loss': last logged loss,
+  'train_step_traces': times the train step was traced (1), 'stopped_by':
+  signal number or None}.
+
+  Raises:
+    TrainError: the config or workdir cannot work (before any compute), or
+      the loss became non-finite (`NonFiniteLossError`).
+  """
+  workdir = os.path.abspath(workdir)
+  check_config(config)
+  check_workdir(config, workdir)
+  main = parallel.is_main_process()
+  try:
+    pipeline = data_lib.create_train_pipeline(
+        config, process_index=jax.process_index(), process_count=jax.process_count())
+  except data_lib.DatasetError as e:
+    raise TrainError(str(e)) from e
+
+  mesh = parallel.make_mesh()
+  replicated = parallel.replicated(mesh)
+  model = models.create_model(config)
+  schedule = schedules.schedule_from_config(config.diffusion)
+  init_fn = jax.jit(lambda key: create_train_state(config, model, key), out_shardings=replicated)
+  abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(int(config.seed)))
+  abstract = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
+
+  ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir),
+                                 keep=int(config.training.keep_checkpoints))
+  writer = None
+  progress = None
+  try:
+    latest = ckpt.latest_step()
+    if latest is not None:
+      _check_restorable(ckpt, latest, abstract, workdir)
+      state = ckpt.restore(latest, abstract)
+      logging.info('Resumed from checkpoint %d in %s.', latest, ckpt.directory)
+    else:
+      state = init_fn(jax.random.PRNGKey(int(config.seed)))
+    if main:
+      with open(os.path.join(workdir, 'config.json'), 'w') as f:
+        f.write(config.to_json_best_effort(indent=2))
+        f.write('\n')
+
+    step = int(jax.device_get(state.step))
+    total = int(config.training.num_train_steps)
+    k = _steps_per_call(config, step)
+    traces = [0]
+    train_steps = make_train_step(config, model, schedule)
+
+    def counted(state, batches):
+      traces[0] += 1  # runs at trace time only
+      return train_steps(state, batches)
+
+    # The state is donated: its buffers are reused for the new state.
+    step_fn = jax.jit(
+        counted,
+        in_shardings=(replicated, parallel.data_sharding(mesh, batch_axis=1)),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,))
+    sample_grid = None
+    if int(config.training.sample_every) > 0:
+      sample_grid = make_grid_sampler(config, model, schedule, mesh)
+    grid_key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 0x9121D)
+
+    writer = _MetricWriter(workdir, main)
+    progress = _Progress(step, total, main)
+    t = config.training
+    last_saved = latest
+    last_loss = None
+    pending = []
+    log_time, log_step = time.perf_counter(), step
+    batches = pipeline.iterate(step)
+    stopped_by = None
+    with _StopSignal() as stop:
+      while step < total:
+        n = min(k, total - step)
+        host = data_lib.stack_batches([next(batches) for _ in range(n)])
+        state, metrics = step_fn(state, parallel.host_to_global(host, mesh, batch_axis=1))
+        pending.append((step, metrics))
+        before, step = step, step + n
+        progress.advance(n)
+
+        save_now = _crossed(before, step, int(t.checkpoint_every)) or step == total
+        stop_now = stop.requested()
+        if _crossed(before, step, int(t.log_every)) or save_now or stop_now:
+          steps, values = _host_metrics(pending)
+          pending = []
+          _check_finite(steps, values, last_saved)
+          last_loss = float(values['loss'][-1])
+          if _crossed(before, step, int(t.log_every)):
+            now = time.perf_counter()
+            rate = (step - log_step) / max(now - log_time, 1e-9)
+            logged = {name: float(np.mean(v[-(step - log_step):])) for name, v in values.items()}
+            logged['lr'] = float(values['lr'][-1])
+            logged.update(steps_per_sec=rate, images_per_sec=rate * int(t.batch_size))
+            writer.write(step, logged)
+            progress.log(step, logged)
+            log_time, log_step = now, step
+        if save_now or stop_now:
+          ckpt.save(step, state, force=True)
+          last_saved = step
+        if sample_grid is not None and _crossed(before, step, int(t.sample_every)):
+          images = sample_grid(state.ema_params, grid_key)
+          if main:
+            os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
+            save_image_grid(images, os.path.join(workdir, 'samples', f'step_{step:06d}.png'))
+            writer.image(step, 'samples', image_grid(images))
+        if _crossed(before, step, int(t.eval_every)):
+          results = evaluate(config, model, schedule, state, mesh)
+          if results:
+            writer.write(step, {f'eval/{name}': float(v) for name, v in results.items()})
+        if stop_now:
+          stopped_by = stop.signum if stop.signum is not None else signal.SIGTERM
+          logging.warning('Stopped by signal at step %d; checkpoint saved.', step)
+          break
+    if pending:
+      steps, values = _host_metrics(pending)
+      _check_finite(steps, values, last_saved)
+    if step not in ckpt.all_steps() and stopped_by is None:
+      ckpt.save(step, state, force=True)
+    ckpt.wait()
+    if traces[0] > 1:
+      logging.warning('The train step was traced %d times (expected once).', traces[0])
+    return {'step': step, 'loss': last_loss, 'train_step_traces': traces[0],
+            'stopped_by': stopped_by}
+  finally:
+    ckpt.close()
+    if writer is not None:
+      writer.close()
+    if progress is not None:
+      progress.close()

@@ -1,0 +1,48 @@
+r"""Trains a diffusion model: `python run_train.py --config=configs/digits.py --workdir=runs/digits`.
+
+This file is intentionally kept short: it parses flags and calls
+`jaxddpm.train.train_and_evaluate`, where the logic lives (and can be tested
+and imported in a notebook). Running the same command again resumes from the
+latest checkpoint in the workdir. Override any config field on the command
+line, e.g. `--config.training.batch_size=64`.
+
+Multi-host: pass --distributed (or set JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID) and start one process per host.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from jaxddpm import parallel
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', None,
+    'Call jax.distributed.initialize() (default: only when JAX_COORDINATOR_ADDRESS or '
+    'JAX_NUM_PROCESSES is set).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  parallel.maybe_initialize_distributed(_DISTRIBUTED.value)
+  from jaxddpm import train  # pylint: disable=g-import-not-at-top
+  try:
+    summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except train.TrainError as e:
+    print(f'run_train.py: error: {e}', file=sys.stderr)
+    sys.exit(1)
+  logging.info('Finished at step %d, loss %s.', summary['step'], summary['loss'])
+  if summary['stopped_by'] is not None:
+    sys.exit(128 + int(summary['stopped_by']))
+
+
+if __name__ == '__main__':
+  app.run(main)
