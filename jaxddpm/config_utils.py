@@ -15,6 +15,8 @@ SAMPLERS = ('ddpm', 'ddim')
 TIMESTEP_SAMPLERS = ('uniform', 'loss_aware')
 CHANNELS = (1, 3, 4)
 DTYPES = ('float32', 'bfloat16', 'float16')
+# Schedules that ramp from beta_start up to beta_end.
+RAMP_SCHEDULES = ('linear', 'quad', 'sigmoid', 'warmup10', 'warmup50')
 
 
 def _fail(field: str, value: Any, why: str):
@@ -74,7 +76,8 @@ def _validate_diffusion(d):
   for name in ('beta_start', 'beta_end'):
     if name in d:
       _number(d, name, p, 0.0, 1.0, low_open=True)
-  if 'beta_start' in d and 'beta_end' in d and d.beta_start > d.beta_end:
+  if ({'beta_schedule', 'beta_start', 'beta_end'} <= set(d.keys())
+      and d.beta_schedule in RAMP_SCHEDULES and d.beta_start > d.beta_end):
     _fail(f'{p}.beta_start', d.beta_start, f'must be <= diffusion.beta_end = {d.beta_end!r}')
   if 'model_mean_type' in d:
     _choice(d, 'model_mean_type', p, diffusion.MEAN_TYPES)

@@ -89,7 +89,7 @@ def mean_flat(x: jax.Array) -> jax.Array:
   return jnp.mean(x, axis=tuple(range(1, x.ndim)))
 
 
-# --- Forward process --------------------------------------------------------------------------
+# --- Forward process -----------------------------------------------------------------------------
 
 
 def q_mean_variance(schedule: Schedule, x_start: jax.Array, t: jax.Array):
@@ -132,7 +132,8 @@ def q_posterior_mean_variance(schedule: Schedule, x_start: jax.Array, x_t: jax.A
                               t: jax.Array):
   """q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I)  [DDPM eqs. 6-7].
 
-  mu~_t = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x_0 + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) x_t,
+  mu~_t = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x_0
+          + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) x_t,
   beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t.
 
   Args:
@@ -183,7 +184,7 @@ def predict_eps_from_xstart(schedule: Schedule, x_t: jax.Array, t: jax.Array,
 
 def predict_v(schedule: Schedule, x_start: jax.Array, t: jax.Array,
               noise: jax.Array) -> jax.Array:
-  """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0  [PD sec. 4 and appendix D, alpha_t eps - sigma_t x].
+  """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0  [PD sec. 4 and appendix D: alpha eps - sigma x].
 
   Shapes: x_start, noise [B, H, W, C]; t int32 [B]; returns [B, H, W, C].
   """
@@ -217,7 +218,7 @@ def predict_eps_from_v(schedule: Schedule, x_t: jax.Array, t: jax.Array,
           + extract(schedule.sqrt_alphas_cumprod, t, nd) * v)
 
 
-# --- Reverse process p(x_{t-1} | x_t) --------------------------------------------------------------
+# --- Reverse process p(x_{t-1} | x_t) ------------------------------------------------------------
 
 
 def split_model_output(model_output: jax.Array, channels: int, model_var_type: str):
@@ -423,7 +424,7 @@ def vb_terms_bpd(model_fn: ModelFn, schedule: Schedule, x_start: jax.Array, x_t:
       model_var_type=model_var_type, clip_denoised=clip_denoised)
 
 
-# --- Training losses ------------------------------------------------------------------------------
+# --- Training losses -----------------------------------------------------------------------------
 
 
 def training_losses(model_fn: ModelFn, schedule: Schedule, x_start: jax.Array, t: jax.Array,
@@ -487,7 +488,7 @@ def training_losses(model_fn: ModelFn, schedule: Schedule, x_start: jax.Array, t
   return terms
 
 
-# --- Bits per dimension ----------------------------------------------------------------------------
+# --- Bits per dimension --------------------------------------------------------------------------
 
 
 def calc_bpd_loop(model_fn: ModelFn, schedule: Schedule, x_start: jax.Array, key: jax.Array, *,
@@ -532,7 +533,7 @@ def calc_bpd_loop(model_fn: ModelFn, schedule: Schedule, x_start: jax.Array, key
               xstart_mse=xstart_mse.T, mse=mse.T)
 
 
-# --- Timestep sampling ------------------------------------------------------------------------------
+# --- Timestep sampling ---------------------------------------------------------------------------
 
 
 def sample_timesteps(key: jax.Array, batch_size: int, num_timesteps: int) -> jax.Array:

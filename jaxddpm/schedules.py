@@ -5,18 +5,19 @@ All quantities are computed in float64 NumPy and stored as float32 arrays in a
 data (never a global). Index t runs over 0..T-1; index t here is timestep t+1
 in the DDPM paper's 1-based notation (Ho, Jain, Abbeel 2020).
 
-Beta schedules:
+Beta schedules (t = 0..T-1):
 
-| name       | betas                                                      | source |
-|------------|------------------------------------------------------------|--------|
-| linear     | linspace(beta_start, beta_end, T)                          | DDPM sec. 4 |
-| quad       | linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2         | DDPM reference code |
-| warmup10   | beta_end, first 10% linspace(beta_start, beta_end)         | DDPM reference code |
-| warmup50   | beta_end, first 50% linspace(beta_start, beta_end)         | DDPM reference code |
-| const      | beta_end                                                   | DDPM reference code |
-| jsd        | 1/T, 1/(T-1), ..., 1                                       | DDPM reference code (Sohl-Dickstein et al. 2015) |
-| sigmoid    | sigmoid(linspace(-6, 6, T)) * (beta_end - beta_start) + beta_start | DDIM reference code |
-| cosine     | min(1 - abar(t+1)/abar(t), max_beta), abar(t) = cos((t/T + s)/(1 + s) pi/2)^2 | improved DDPM eq. 17 |
+  linear    linspace(beta_start, beta_end, T)                      DDPM sec. 4
+  quad      linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2     DDPM reference code
+  warmup10  beta_end, the first 10% linspace(beta_start, beta_end)  DDPM reference code
+  warmup50  beta_end, the first 50% linspace(beta_start, beta_end)  DDPM reference code
+  const     beta_end                                               DDPM reference code
+  jsd       1/T, 1/(T-1), ..., 1                                   DDPM reference code
+                                                                   (Sohl-Dickstein et al. 2015)
+  sigmoid   sigmoid(linspace(-6, 6, T)) (beta_end - beta_start) + beta_start
+                                                                   DDIM reference code
+  cosine    min(1 - abar((t+1)/T) / abar(t/T), max_beta),           improved DDPM eq. 17
+            abar(u) = cos((u + s) / (1 + s) pi/2)^2, s = 0.008, max_beta = 0.999
 """
 
 from typing import Iterable
@@ -157,7 +158,7 @@ def _check_betas(betas):
   bad = ~((betas > 0) & (betas <= 1))  # also catches NaN
   if bad.any():
     i = int(np.argmax(bad))
-    raise ValueError(f'betas must lie in (0, 1], got betas[{i}] = {betas[i]!r}')
+    raise ValueError(f'betas must lie in (0, 1], got betas[{i}] = {float(betas[i])!r}')
 
 
 def _schedule_from_betas64(betas, timestep_map):

@@ -1,0 +1,120 @@
+"""Every config file loads and validates; cifar.py is the DDPM paper's run; bad values are named."""
+
+import importlib
+import json
+import pathlib
+
+import ml_collections
+import pytest
+
+from jaxddpm import config_utils
+from jaxddpm import diffusion
+from jaxddpm import schedules
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs'
+CONFIG_NAMES = sorted(p.stem for p in CONFIG_DIR.glob('*.py') if p.stem != '__init__')
+
+
+def load(name):
+  return importlib.import_module(f'configs.{name}').get_config()
+
+
+def test_config_files_found():
+  assert {'default', 'cifar', 'digits', 'tiny'} <= set(CONFIG_NAMES)
+
+
+@pytest.mark.parametrize('name', CONFIG_NAMES)
+def test_every_config_loads_and_validates(name):
+  config = load(name)
+  assert isinstance(config, ml_collections.ConfigDict)
+  for group in ('data', 'model', 'diffusion', 'optim', 'training', 'sampling'):
+    assert group in config, group
+  config_utils.validate_config(config)
+  schedule = schedules.schedule_from_config(config.diffusion)
+  assert schedule.num_timesteps == config.diffusion.num_timesteps
+  diffusion.types_from_config(config.diffusion)
+  # workdir/config.json round trip: tuples come back as lists and still validate.
+  restored = ml_collections.ConfigDict(json.loads(config.to_json_best_effort()))
+  config_utils.validate_config(restored)
+
+
+def test_cifar_is_the_ddpm_paper_run():
+  config = load('cifar')
+  assert (config.data.dataset, config.data.image_size, config.data.channels) == ('cifar10', 32, 3)
+  assert config.data.random_flip
+  d = config.diffusion
+  assert (d.num_timesteps, d.beta_schedule, d.beta_start, d.beta_end) == (1000, 'linear', 1e-4,
+                                                                         0.02)
+  assert (d.model_mean_type, d.model_var_type, d.loss_type) == ('eps', 'fixedlarge', 'mse')
+  m = config.model
+  assert (m.ch, tuple(m.ch_mult), m.num_res_blocks, tuple(m.attn_resolutions), m.dropout) == (
+      128, (1, 2, 2, 2), 2, (16,), 0.1)
+  o = config.optim
+  assert (o.lr, o.warmup_steps, o.grad_clip, o.ema_decay) == (2e-4, 5000, 1.0, 0.9999)
+  assert (config.training.batch_size, config.training.num_train_steps) == (128, 800_000)
+  assert float(schedules.schedule_from_config(d).alphas_cumprod[-1]) == pytest.approx(
+      4.04e-5, rel=2e-3)
+
+
+BAD_VALUES = [
+    ('diffusion.beta_schedule', 'cosin'),
+    ('diffusion.num_timesteps', 1),
+    ('diffusion.num_timesteps', 0),
+    ('diffusion.beta_start', 0.0),
+    ('diffusion.beta_end', 1.5),
+    ('diffusion.beta_start', 0.05),  # above beta_end = 0.02
+    ('diffusion.model_mean_type', 'epsilon'),
+    ('diffusion.model_var_type', 'fixed'),
+    ('diffusion.loss_type', 'l2'),
+    ('diffusion.timestep_sampler', 'importance'),
+    ('data.channels', 2),
+    ('data.image_size', 0),
+    ('data.image_size', 36),  # not divisible by 2**3 for ch_mult (1, 2, 2, 2)
+    ('model.ch', 0),
+    ('model.ch_mult', ()),
+    ('model.ch_mult', (1, 0)),
+    ('model.attn_resolutions', (12,)),
+    ('model.norm_groups', 24),  # does not divide 128
+    ('model.num_heads', 3),  # does not divide the width 256 at resolution 16
+    ('model.dropout', 1.0),
+    ('model.num_classes', -1),
+    ('model.dtype', 'float8'),
+    ('optim.lr', 0.0),
+    ('optim.warmup_steps', -1),
+    ('optim.ema_decay', 1.5),
+    ('optim.beta2', 1.0),
+    ('training.batch_size', 0),
+    ('training.batch_size', -8),
+    ('training.steps_per_call', 0),
+    ('sampling.sampler', 'euler'),
+    ('sampling.num_steps', 0),
+    ('sampling.num_steps', 1001),  # more than T
+    ('sampling.eta', -0.1),
+    ('sampling.batch_size', 0),
+]
+
+
+@pytest.mark.parametrize('field, value', BAD_VALUES)
+def test_validate_config_names_field_and_value(field, value):
+  config = load('cifar')
+  group, name = field.split('.')
+  config[group][name] = value
+  with pytest.raises(ValueError) as info:
+    config_utils.validate_config(config)
+  message = str(info.value)
+  assert f'config.{field} = {value!r}' in message, message
+
+
+def test_any_loss_goes_with_any_variance():
+  config = load('tiny')
+  for var_type in diffusion.VAR_TYPES:
+    for loss_type in diffusion.LOSS_TYPES:
+      config.diffusion.model_var_type = var_type
+      config.diffusion.loss_type = loss_type
+      config_utils.validate_config(config)
+
+
+def test_partial_config_validates():
+  config_utils.validate_config(ml_collections.ConfigDict({'training': {'batch_size': 4}}))
+  with pytest.raises(ValueError, match='config.training.batch_size = 0'):
+    config_utils.validate_config(ml_collections.ConfigDict({'training': {'batch_size': 0}}))

@@ -1,0 +1,218 @@
+"""Schedules against an independent float64 NumPy re-derivation of every coefficient."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxddpm import schedules
+
+T = 1000
+
+
+def reference_betas(name, n, beta_start=1e-4, beta_end=0.02):
+  """float64 betas, written from the papers' definitions (loops where the paper has a loop)."""
+  if name == 'linear':  # DDPM sec. 4
+    return np.array([beta_start + (beta_end - beta_start) * i / (n - 1) for i in range(n)])
+  if name == 'quad':
+    return np.array([(math.sqrt(beta_start) + (math.sqrt(beta_end) - math.sqrt(beta_start))
+                      * i / (n - 1)) ** 2 for i in range(n)])
+  if name == 'sigmoid':
+    return np.array([beta_start + (beta_end - beta_start) / (1 + math.exp(6 - 12 * i / (n - 1)))
+                     for i in range(n)])
+  if name == 'const':
+    return np.full(n, beta_end)
+  if name == 'jsd':
+    return np.array([1.0 / (n - i) for i in range(n)])
+  if name in ('warmup10', 'warmup50'):
+    w = int(n * (0.1 if name == 'warmup10' else 0.5))
+    ramp = [beta_start + (beta_end - beta_start) * i / (w - 1) for i in range(w)]
+    return np.array(ramp + [beta_end] * (n - w))
+  if name == 'cosine':  # improved DDPM eq. 17, betas clipped at 0.999
+    f = lambda t: math.cos((t / n + 0.008) / 1.008 * math.pi / 2) ** 2
+    return np.array([min(1 - f(i + 1) / f(i), 0.999) for i in range(n)])
+  raise AssertionError(name)
+
+
+def reference_coefficients(betas):
+  """DDPM eqs. 4, 6, 7 in float64, element by element."""
+  n = len(betas)
+  abar = np.empty(n)
+  prod = 1.0
+  for i, b in enumerate(betas):
+    prod *= 1.0 - b
+    abar[i] = prod
+  abar_prev = np.concatenate([[1.0], abar[:-1]])
+  post_var = betas * (1 - abar_prev) / (1 - abar)
+  with np.errstate(divide='ignore'):
+    recip = 1.0 / abar
+  return dict(
+      betas=betas,
+      alphas_cumprod=abar,
+      alphas_cumprod_prev=abar_prev,
+      alphas_cumprod_next=np.concatenate([abar[1:], [0.0]]),
+      sqrt_alphas_cumprod=np.sqrt(abar),
+      sqrt_one_minus_alphas_cumprod=np.sqrt(1 - abar),
+      log_one_minus_alphas_cumprod=np.log(1 - abar),
+      sqrt_recip_alphas_cumprod=np.sqrt(recip),
+      sqrt_recipm1_alphas_cumprod=np.sqrt(recip - 1),
+      posterior_variance=post_var,
+      posterior_log_variance_clipped=np.log(np.where(np.arange(n) == 0, post_var[1], post_var)),
+      posterior_mean_coef1=betas * np.sqrt(abar_prev) / (1 - abar),
+      posterior_mean_coef2=(1 - abar_prev) * np.sqrt(1 - betas) / (1 - abar),
+  )
+
+
+@pytest.mark.parametrize('name', schedules.SCHEDULES)
+def test_matches_float64_reference(name):
+  schedule = schedules.make_schedule(name, T)
+  ref = reference_coefficients(reference_betas(name, T))
+  assert schedule.num_timesteps == T
+  for field, want in ref.items():
+    got = getattr(schedule, field)
+    assert got.dtype == jnp.float32 and got.shape == (T,), field
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-6, atol=0,
+                               err_msg=f'{name}.{field}')
+  np.testing.assert_array_equal(schedule.timestep_map, np.arange(T))
+
+
+def test_linear_alphas_cumprod_end():
+  # DDPM's CIFAR-10 schedule: abar_T = prod(1 - linspace(1e-4, 0.02, 1000)) ~= 4.04e-5.
+  assert float(schedules.make_schedule('linear', T).alphas_cumprod[-1]) == pytest.approx(
+      4.04e-5, rel=2e-3)
+
+
+def test_cosine_alpha_bar_and_clip():
+  schedule = schedules.make_schedule('cosine', T)
+  f = lambda t: np.cos((t / T + 0.008) / 1.008 * np.pi / 2) ** 2
+  # Before the clip bites, abar_t = f(t+1) / f(0) exactly (improved DDPM eq. 17).
+  np.testing.assert_allclose(schedule.alphas_cumprod[:900], f(np.arange(1, 901)) / f(0),
+                             rtol=1e-5)
+  assert float(schedule.betas[-1]) == pytest.approx(0.999)
+  assert float(schedule.betas.max()) <= 0.999 + 1e-7
+
+
+def test_custom_beta_range_and_cosine_kwargs():
+  schedule = schedules.make_schedule('linear', 10, beta_start=0.1, beta_end=0.2)
+  np.testing.assert_allclose(schedule.betas, np.linspace(0.1, 0.2, 10), rtol=1e-6)
+  capped = schedules.make_schedule('cosine', 50, max_beta=0.5)
+  assert float(capped.betas.max()) == pytest.approx(0.5)
+
+
+def test_schedule_is_a_pytree_and_jits():
+  schedule = schedules.make_schedule('linear', 20)
+  assert len(jax.tree.leaves(schedule)) == 14
+
+  @jax.jit
+  def total(s):
+    return s.betas.sum() + s.num_timesteps
+
+  assert float(total(schedule)) == pytest.approx(float(np.sum(schedule.betas)) + 20, rel=1e-6)
+
+
+def test_schedule_from_betas_and_config():
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config().diffusion
+  schedule = schedules.schedule_from_config(config)
+  want = schedules.schedule_from_betas(
+      np.linspace(config.beta_start, config.beta_end, config.num_timesteps))
+  chex.assert_trees_all_close(schedule, want, rtol=1e-7)
+  assert schedule.num_timesteps == config.num_timesteps
+
+
+@pytest.mark.parametrize('kwargs, bad', [
+    (dict(name='cosin', num_timesteps=10), "'cosin'"),
+    (dict(name='linear', num_timesteps=1), '1'),
+    (dict(name='linear', num_timesteps=0), '0'),
+    (dict(name='linear', num_timesteps=2.5), '2.5'),
+    (dict(name='linear', num_timesteps=10, beta_end=1.5), '1.5'),
+    (dict(name='linear', num_timesteps=10, beta_start=0.0), 'beta_start'),
+    (dict(name='quad', num_timesteps=10, beta_start=-0.1), '-0.1'),
+])
+def test_make_schedule_errors_name_the_bad_value(kwargs, bad):
+  with pytest.raises(ValueError) as info:
+    schedules.make_schedule(**kwargs)
+  assert bad in str(info.value)
+
+
+def test_schedule_from_betas_errors():
+  with pytest.raises(ValueError, match=r'betas\[1\] = 0\.0'):
+    schedules.schedule_from_betas([0.1, 0.0, 0.2])
+  with pytest.raises(ValueError, match='1.2'):
+    schedules.schedule_from_betas([0.1, 1.2])
+  with pytest.raises(ValueError, match='num_timesteps'):
+    schedules.schedule_from_betas([0.1])
+  with pytest.raises(ValueError, match='1-D'):
+    schedules.schedule_from_betas(np.full((2, 2), 0.1))
+
+
+def test_space_timesteps_uniform():
+  # improved-diffusion's single-section spacing: round(i * (T - 1) / (K - 1)).
+  np.testing.assert_array_equal(schedules.space_timesteps(1000, 10),
+                                [0, 111, 222, 333, 444, 555, 666, 777, 888, 999])
+  np.testing.assert_array_equal(schedules.space_timesteps(10, 10), np.arange(10))
+  np.testing.assert_array_equal(schedules.space_timesteps(100, 1), [0])
+  steps = schedules.space_timesteps(1000, 37)
+  assert len(steps) == 37 and steps[0] == 0 and steps[-1] == 999
+
+
+def test_space_timesteps_quad():
+  # DDIM's quadratic skip: int(linspace(0, sqrt(0.8 T), K) ** 2).
+  want = [int(v ** 2) for v in np.linspace(0, math.sqrt(800), 10)]
+  np.testing.assert_array_equal(schedules.space_timesteps(1000, 10, 'quad'), want)
+  steps = schedules.space_timesteps(1000, 100, 'quad')  # duplicates at small t are removed
+  assert len(steps) == len(set(steps.tolist())) < 100
+  assert np.all(np.diff(steps) > 0)
+
+
+@pytest.mark.parametrize('args, bad', [
+    ((1000, 0), '0'), ((1000, 1001), '1001'), ((1000, 10, 'cubic'), "'cubic'"), ((1, 1), '1')])
+def test_space_timesteps_errors(args, bad):
+  with pytest.raises(ValueError) as info:
+    schedules.space_timesteps(*args)
+  assert bad in str(info.value)
+
+
+@pytest.mark.parametrize('name, rtol', [
+    ('linear', 2e-6),
+    # abar is rebuilt from the float32 betas; cosine's last beta is 0.999, where the float32
+    # rounding of beta is a 6e-5 relative error in 1 - beta.
+    ('cosine', 1e-4)])
+def test_respace_all_timesteps_is_identity(name, rtol):
+  schedule = schedules.make_schedule(name, 100)
+  chex.assert_trees_all_close(schedules.respace(schedule, range(100)), schedule, rtol=rtol)
+
+
+def test_respace_matches_improved_ddpm():
+  base_betas = reference_betas('linear', T)
+  base_abar = np.cumprod(1 - base_betas)
+  use = schedules.space_timesteps(T, 25)
+  spaced = schedules.respace(schedules.make_schedule('linear', T), set(use.tolist()))
+  # Improved DDPM sec. 4: beta'_k = 1 - abar_{S_k} / abar_{S_{k-1}}.
+  want_betas, last = [], 1.0
+  for s in use:
+    want_betas.append(1 - base_abar[s] / last)
+    last = base_abar[s]
+  ref = reference_coefficients(np.array(want_betas))
+  for field, want in ref.items():
+    np.testing.assert_allclose(np.asarray(getattr(spaced, field), np.float64), want, rtol=1e-5,
+                               err_msg=field)
+  np.testing.assert_allclose(spaced.alphas_cumprod, base_abar[use], rtol=1e-6)
+  np.testing.assert_array_equal(spaced.timestep_map, use)
+  # Respacing a respaced schedule composes the timestep maps.
+  twice = schedules.respace(spaced, [0, 5, 24])
+  np.testing.assert_array_equal(twice.timestep_map, use[[0, 5, 24]])
+  np.testing.assert_allclose(twice.alphas_cumprod, base_abar[use[[0, 5, 24]]], rtol=1e-5)
+
+
+def test_respace_errors():
+  schedule = schedules.make_schedule('linear', 10)
+  with pytest.raises(ValueError, match='10'):
+    schedules.respace(schedule, [0, 10])
+  with pytest.raises(ValueError, match='-1'):
+    schedules.respace(schedule, [-1, 3])
+  with pytest.raises(ValueError, match=r'\[4\]'):
+    schedules.respace(schedule, [4])
