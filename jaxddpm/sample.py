@@ -1,0 +1,334 @@
+"""Sampling from a trained run: the shell around `jaxddpm.samplers`.
+
+`sample_run(workdir, ...)` loads the run (config.json + the latest checkpoint's
+EMA parameters), builds the sampler from config.sampling (arguments override
+it), splits each batch of samples over a 1-D 'data' mesh of all devices of all
+processes, runs the plan chunk by chunk under a progress bar, and writes
+
+  OUTPUT_DIR/samples.npz   images uint8 [N, H, W, C]; labels [N] (conditional models);
+                           psnr [N] (inpainting)
+  OUTPUT_DIR/grid.png      the first (up to 64) samples
+  OUTPUT_DIR/images/*.png  one file per sample, on request
+  OUTPUT_DIR/psnr.json     inpainting: PSNR (dB) of the filled region against the input
+
+Batch b starts from fold_in(PRNGKey(seed), b), and the random numbers of a
+sharded array do not depend on the number of devices, so a seed gives the same
+samples on 1 or 8 devices (to float32 rounding of the network). Bad input raises
+`SampleError` with one clear message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.tree_util import Partial
+
+from jaxddpm import checkpoint
+from jaxddpm import diffusion
+from jaxddpm import parallel
+from jaxddpm import samplers
+from jaxddpm import schedules
+
+GRID_SIZE = 64
+
+
+class SampleError(ValueError):
+  """Bad input to `sample_run` (the message says what and why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Apply:
+  """The network's apply as a value: equal models give equal (hash-equal) functions, so a
+  compiled sampler is reused across calls."""
+  model: Any
+
+  def __call__(self, params, x, t, y=None):
+    return self.model.apply({'params': params}, x, t, y, train=False)
+
+
+def make_model_fn(model, params) -> Partial:
+  """model_fn(x, t, y=None) as a `Partial` over params, so jit takes them as arguments."""
+  return Partial(_Apply(model), params)
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise SampleError(f'{workdir!r} is not a run directory: no config.json in it')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _check_checkpoint(workdir: str) -> None:
+  directory = checkpoint.checkpoint_dir(workdir)
+  steps = os.listdir(directory) if os.path.isdir(directory) else []
+  if not any(name.isdigit() for name in steps):
+    raise SampleError(f'no checkpoint in {directory}; train first (run_train.py) or convert '
+                      'weights into this workdir')
+
+
+def _load_image(path: str, mode: str) -> np.ndarray:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise SampleError(f'no such file: {path!r}')
+  with Image.open(path) as image:
+    return np.asarray(image.convert(mode))
+
+
+def load_inpainting_inputs(image_path: str, mask_path: str, image_size: int,
+                           channels: int) -> tuple[np.ndarray, np.ndarray]:
+  """Reads the image to inpaint and its mask (white = keep, black = fill).
+
+  Returns:
+    (image uint8 [H, W, C], mask float32 [H, W, 1] in {0, 1}), H = W = image_size.
+  """
+  if bool(image_path) != bool(mask_path):
+    raise SampleError('inpainting needs both --inpaint_image and --inpaint_mask')
+  image = _load_image(image_path, 'L' if channels == 1 else 'RGB')
+  mask = _load_image(mask_path, 'L')
+  if image.shape[:2] != mask.shape[:2]:
+    raise SampleError(f'mask size {mask.shape[1]}x{mask.shape[0]} does not match the image '
+                      f'size {image.shape[1]}x{image.shape[0]}')
+  if image.shape[:2] != (image_size, image_size):
+    raise SampleError(f'image is {image.shape[1]}x{image.shape[0]}, the model samples '
+                      f'{image_size}x{image_size}')
+  image = image.reshape(image_size, image_size, channels)
+  mask = (mask > 127).astype(np.float32)[..., None]
+  if mask.min() == 1.0:
+    raise SampleError('the mask keeps every pixel (white = keep); nothing to inpaint')
+  return image, mask
+
+
+def to_uint8(x) -> np.ndarray:
+  """[-1, 1] floats -> uint8 (x + 1) * 127.5, rounded and clipped."""
+  return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _resolve(config, *, sampler, steps, eta, num_samples, batch_size, seed, class_label,
+             guidance_scale, mesh_size) -> dict[str, Any]:
+  """Arguments over config.sampling defaults, validated."""
+  s = config.sampling
+  opts = dict(
+      sampler=sampler if sampler is not None else s.sampler,
+      steps=steps if steps is not None else s.num_steps,
+      eta=float(eta if eta is not None else s.eta),
+      num_samples=num_samples if num_samples is not None else s.num_samples,
+      batch_size=batch_size if batch_size is not None else s.batch_size,
+      seed=seed if seed is not None else config.seed,
+      guidance_scale=float(guidance_scale if guidance_scale is not None
+                           else s.get('guidance_scale', 0.0)),
+      class_label=class_label)
+  num_timesteps = config.diffusion.num_timesteps
+  num_classes = int(config.model.num_classes)
+  if opts['sampler'] not in samplers.SAMPLERS:
+    raise SampleError(f'unknown sampler {opts["sampler"]!r}; expected one of {samplers.SAMPLERS}')
+  if not 1 <= opts['steps'] <= num_timesteps:
+    raise SampleError(f'steps = {opts["steps"]} must be in [1, {num_timesteps}] (the run '
+                      f'was trained with {num_timesteps} diffusion timesteps)')
+  if not 0.0 <= opts['eta'] <= 1.0:
+    raise SampleError(f'eta = {opts["eta"]} must be in [0, 1]')
+  for name in ('num_samples', 'batch_size'):
+    if opts[name] < 1:
+      raise SampleError(f'{name} = {opts[name]} must be positive')
+  if class_label is not None:
+    if num_classes == 0:
+      raise SampleError(f'class_label = {class_label} given, but the model is unconditional '
+                        '(model.num_classes = 0)')
+    if not 0 <= class_label < num_classes:
+      raise SampleError(f'class_label = {class_label} is out of range [0, {num_classes})')
+  if opts['guidance_scale'] < 0:
+    raise SampleError(f'guidance_scale = {opts["guidance_scale"]} must be >= 0')
+  if opts['guidance_scale'] > 0 and num_classes == 0:
+    raise SampleError('classifier-free guidance needs a class-conditional model; this one is '
+                      'unconditional (model.num_classes = 0)')
+  # Every device gets the same share of a batch; round up, the extra samples are dropped.
+  opts['batch_size'] = math.ceil(min(opts['batch_size'], opts['num_samples']) / mesh_size) * mesh_size
+  return opts
+
+
+def _state_shardings(abstract_state, mesh) -> Any:
+  """Arrays with a batch dimension split on 'data', the key replicated."""
+  data, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
+  return jax.tree.map(lambda a: data if a.ndim else rep, abstract_state)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_run_chunk(mesh, state_treedef, leaf_ndims):
+  """`samplers.run_chunk` jitted for one mesh and state structure (cached across calls).
+
+  The sampler and the model function are pytree arguments, replicated (not constants baked
+  into the program); the state is split over 'data' and donated, so x is updated in place.
+  """
+  rep = parallel.replicated(mesh)
+  state_sharding = jax.tree.unflatten(state_treedef, [
+      parallel.data_sharding(mesh) if ndim else rep for ndim in leaf_ndims])
+  return jax.jit(samplers.run_chunk, in_shardings=(rep, rep, state_sharding, rep),
+                 out_shardings=(state_sharding, None), donate_argnums=2)
+
+
+def sample_run(workdir: str, *, sampler: str | None = None, steps: int | None = None,
+               eta: float | None = None, num_samples: int | None = None,
+               batch_size: int | None = None, seed: int | None = None,
+               class_label: int | None = None, guidance_scale: float | None = None,
+               inpaint_image: str | None = None, inpaint_mask: str | None = None,
+               inpaint_resample: int = 1, inpaint_jump_length: int = 10,
+               output_dir: str | None = None, save_individual: bool = False,
+               progress: bool = True, mesh=None) -> dict[str, Any]:
+  """Samples from the latest checkpoint (EMA parameters) of the run in `workdir`.
+
+  Arguments left None come from the run's config.sampling (and config.seed).
+
+  Args:
+    workdir: a run directory (config.json + checkpoints/).
+    sampler: 'ddpm' (ancestral) or 'ddim'.
+    steps: number of denoising steps (<= diffusion.num_timesteps; fewer respaces the schedule).
+    eta: DDIM's eta in [0, 1].
+    num_samples, batch_size: total samples and samples per compiled call (rounded up to a
+      multiple of the number of devices).
+    seed: PRNG seed.
+    class_label: class of every sample (conditional models); None draws labels uniformly.
+    guidance_scale: classifier-free guidance weight w (> 0 needs a conditional model).
+    inpaint_image, inpaint_mask: image files of the model's size; the mask is white where the
+      image is kept. Every sample fills the same image.
+    inpaint_resample, inpaint_jump_length: RePaint's r and jump length; r = 1 is the
+      replacement method.
+    output_dir: default workdir/samples/<sampler>_<steps>steps_seed<seed>.
+    save_individual: also write one PNG per sample.
+    progress: show a progress bar (process 0 only).
+    mesh: a 1-D 'data' mesh (default `parallel.make_mesh()`, all devices).
+
+  Returns:
+    dict(images uint8 [N, H, W, C], samples float32 [N, H, W, C] in [-1, 1] (unclipped),
+    labels [N] or None, psnr [N] or None, output_dir).
+
+  Raises:
+    SampleError: bad input, with a message naming it.
+  """
+  config = read_config(workdir)
+  _check_checkpoint(workdir)
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  opts = _resolve(config, sampler=sampler, steps=steps, eta=eta, num_samples=num_samples,
+                  batch_size=batch_size, seed=seed, class_label=class_label,
+                  guidance_scale=guidance_scale, mesh_size=mesh.size)
+  size, channels = int(config.data.image_size), int(config.data.channels)
+  num_classes = int(config.model.num_classes)
+  inpainting = bool(inpaint_image or inpaint_mask)
+  if inpainting:
+    image, mask = load_inpainting_inputs(inpaint_image, inpaint_mask, size, channels)
+    if inpaint_resample < 1 or inpaint_jump_length < 1:
+      raise SampleError('inpaint_resample and inpaint_jump_length must be >= 1')
+
+  from jaxddpm import models  # pylint: disable=g-import-not-at-top
+  from jaxddpm import runs  # pylint: disable=g-import-not-at-top
+  config, params, _ = runs.load_run(workdir, ema=True)
+  rep = parallel.replicated(mesh)
+  model_fn = make_model_fn(models.create_model(config), jax.device_put(params, rep))
+  if opts['guidance_scale'] > 0:
+    model_fn = samplers.classifier_free_guidance(model_fn, opts['guidance_scale'], num_classes)
+
+  types = diffusion.types_from_config(config.diffusion)
+  plan = samplers.make_sampler(
+      schedules.schedule_from_config(config.diffusion), sampler=opts['sampler'],
+      num_steps=opts['steps'], eta=opts['eta'], model_mean_type=types['model_mean_type'],
+      model_var_type=types['model_var_type'],
+      clip_denoised=bool(config.sampling.clip_denoised),
+      repaint_resample=inpaint_resample if inpainting else 1,
+      repaint_jump_length=inpaint_jump_length)
+  plan = jax.device_put(plan, rep)
+
+  batch = opts['batch_size']
+  shape = (batch, size, size, channels)
+
+  def init(key, label_key):
+    kwargs = {}
+    if num_classes:
+      if opts['class_label'] is not None:
+        kwargs['y'] = jnp.full((batch,), opts['class_label'], jnp.int32)
+      else:
+        kwargs['y'] = jax.random.randint(label_key, (batch,), 0, num_classes, jnp.int32)
+    known = masks = None
+    if inpainting:
+      known = jnp.broadcast_to(jnp.asarray(image, jnp.float32) / 127.5 - 1.0, shape)
+      masks = jnp.broadcast_to(jnp.asarray(mask), shape)
+    return plan.init(key, shape, model_kwargs=kwargs, known=known, mask=masks)
+
+  base_key = jax.random.key(opts['seed'])
+  abstract = jax.eval_shape(init, base_key, base_key)
+  init_jit = jax.jit(init, out_shardings=_state_shardings(abstract, mesh))
+  leaves, treedef = jax.tree.flatten(abstract)
+  run_chunk = _compiled_run_chunk(mesh, treedef, tuple(a.ndim for a in leaves))
+
+  num_batches = math.ceil(opts['num_samples'] / batch)
+  bar = None
+  if progress and parallel.is_main_process():
+    import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm.tqdm(total=num_batches * plan.num_ops, unit='step', desc='sampling')
+  outputs, labels = [], []
+  for b in range(num_batches):
+    key = jax.random.fold_in(base_key, b)
+    state = init_jit(key, jax.random.fold_in(key, 1))
+    if num_classes:
+      labels.append(_to_host(state.model_kwargs['y']))
+    for start in plan.chunk_starts:
+      state, _ = run_chunk(plan, model_fn, state, start)
+      if bar is not None:
+        state.x.block_until_ready()
+        bar.update(min(plan.chunk_length, plan.num_ops - start))
+    outputs.append(_to_host(state.x))
+  if bar is not None:
+    bar.close()
+
+  n = opts['num_samples']
+  samples = np.concatenate(outputs)[:n]
+  images = to_uint8(samples)
+  result = dict(images=images, samples=samples, labels=None, psnr=None)
+  if num_classes:
+    result['labels'] = np.concatenate(labels)[:n]
+  if inpainting:
+    result['psnr'] = np.asarray(samplers.masked_psnr(images, image[None], mask[None],
+                                                     data_range=255.0))
+  if output_dir is None:
+    output_dir = os.path.join(workdir, 'samples',
+                              f'{opts["sampler"]}_{opts["steps"]}steps_seed{opts["seed"]}')
+  result['output_dir'] = output_dir
+  if parallel.is_main_process():
+    write_outputs(output_dir, result, save_individual=save_individual)
+  return result
+
+
+def write_outputs(output_dir: str, result: dict[str, Any], *, save_individual: bool) -> None:
+  """samples.npz, grid.png, psnr.json (inpainting) and optionally images/NNNNNN.png."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from jaxddpm import train  # pylint: disable=g-import-not-at-top
+  os.makedirs(output_dir, exist_ok=True)
+  arrays = {k: result[k] for k in ('images', 'labels', 'psnr') if result[k] is not None}
+  np.savez(os.path.join(output_dir, 'samples.npz'), **arrays)
+  images = result['images']
+  train.save_image_grid(images[:GRID_SIZE].astype(np.float32) / 127.5 - 1.0,
+                        os.path.join(output_dir, 'grid.png'))
+  if result['psnr'] is not None:
+    with open(os.path.join(output_dir, 'psnr.json'), 'w') as f:
+      json.dump({'mean_psnr_db': float(np.mean(result['psnr'])),
+                 'psnr_db': [float(p) for p in result['psnr']]}, f, indent=2)
+  if save_individual:
+    folder = os.path.join(output_dir, 'images')
+    os.makedirs(folder, exist_ok=True)
+    for i, img in enumerate(images):
+      Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(
+          os.path.join(folder, f'{i:06d}.png'))

@@ -1,0 +1,64 @@
+r"""Samples from a trained run: `python run_sample.py --workdir=runs/digits`.
+
+This file is intentionally kept short: it parses flags and calls
+`jaxddpm.sample.sample_run`, where the logic lives. Flags left unset take the
+run's config.sampling values. Writes samples.npz (uint8 images [N, H, W, C],
+labels, PSNR) and grid.png to --output_dir (default workdir/samples/...).
+
+  python run_sample.py --workdir=runs/digits --sampler=ddim --steps=50
+  python run_sample.py --workdir=runs/cifar --inpaint_image=img.png --inpaint_mask=mask.png
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+
+from jaxddpm import parallel
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (config.json + checkpoints/).')
+_SAMPLER = flags.DEFINE_enum('sampler', None, ['ddpm', 'ddim'], 'Ancestral DDPM or DDIM.')
+_STEPS = flags.DEFINE_integer('steps', None, 'Denoising steps (fewer than T respaces).')
+_ETA = flags.DEFINE_float('eta', None, "DDIM's eta in [0, 1].")
+_NUM_SAMPLES = flags.DEFINE_integer('num_samples', None, 'Number of samples.')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', None, 'Samples per batch (all devices).')
+_SEED = flags.DEFINE_integer('seed', None, 'PRNG seed (default: the run config seed).')
+_CLASS_LABEL = flags.DEFINE_integer('class_label', None,
+                                    'Class of every sample (default: random classes).')
+_GUIDANCE_SCALE = flags.DEFINE_float('guidance_scale', None, 'Classifier-free guidance w.')
+_INPAINT_IMAGE = flags.DEFINE_string('inpaint_image', None, 'Image to inpaint.')
+_INPAINT_MASK = flags.DEFINE_string('inpaint_mask', None, 'Mask image: white = keep.')
+_INPAINT_RESAMPLE = flags.DEFINE_integer(
+    'inpaint_resample', 1, 'RePaint resampling count r (1: the replacement method).')
+_INPAINT_JUMP = flags.DEFINE_integer('inpaint_jump_length', 10, 'RePaint jump length.')
+_OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Where to write the samples.')
+_SAVE_INDIVIDUAL = flags.DEFINE_bool('save_individual', False, 'Also write one PNG per sample.')
+_DISTRIBUTED = flags.DEFINE_bool('distributed', None,
+                                 'Call jax.distributed.initialize() (multi-host).')
+flags.mark_flags_as_required(['workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  parallel.maybe_initialize_distributed(_DISTRIBUTED.value)
+  from jaxddpm import sample  # pylint: disable=g-import-not-at-top
+  try:
+    result = sample.sample_run(
+        _WORKDIR.value, sampler=_SAMPLER.value, steps=_STEPS.value, eta=_ETA.value,
+        num_samples=_NUM_SAMPLES.value, batch_size=_BATCH_SIZE.value, seed=_SEED.value,
+        class_label=_CLASS_LABEL.value, guidance_scale=_GUIDANCE_SCALE.value,
+        inpaint_image=_INPAINT_IMAGE.value, inpaint_mask=_INPAINT_MASK.value,
+        inpaint_resample=_INPAINT_RESAMPLE.value, inpaint_jump_length=_INPAINT_JUMP.value,
+        output_dir=_OUTPUT_DIR.value, save_individual=_SAVE_INDIVIDUAL.value)
+  except sample.SampleError as e:
+    print(f'run_sample.py: error: {e}', file=sys.stderr)
+    sys.exit(1)
+  if parallel.is_main_process():
+    print(f'Wrote {len(result["images"])} samples to {result["output_dir"]}')
+    if result['psnr'] is not None:
+      print(f'Inpainting PSNR of the filled region: {result["psnr"].mean():.2f} dB')
+
+
+if __name__ == '__main__':
+  app.run(main)
