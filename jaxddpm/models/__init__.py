@@ -1,0 +1,80 @@
+"""The U-Net and the glue from a run's ConfigDict to it.
+
+The network is built from the typed `UNetConfig`, never from the ConfigDict,
+so the model code does not depend on the config schema; `unet_config_from`
+is the one place that reads `config.model`.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from jaxddpm.models.unet import UNet, UNetConfig
+
+__all__ = ['UNet', 'UNetConfig', 'unet_config_from', 'create_model', 'init_params', 'make_model_fn']
+
+LEARNED_VAR_TYPES = ('learned', 'learned_range')
+
+
+def unet_config_from(config) -> UNetConfig:
+  """UNetConfig from a run config (`config.model`, `config.data`, `config.diffusion`).
+
+  Learned variances (`model_var_type` learned / learned_range, Nichol &
+  Dhariwal 2021) double the output channels: [eps, v].
+  """
+  m = config.model
+  channels = int(config.data.channels)
+  out_channels = 2 * channels if config.diffusion.model_var_type in LEARNED_VAR_TYPES else channels
+  return UNetConfig(
+      image_size=int(config.data.image_size),
+      in_channels=channels,
+      out_channels=out_channels,
+      ch=m.ch,
+      ch_mult=m.ch_mult,
+      num_res_blocks=m.num_res_blocks,
+      attn_resolutions=m.attn_resolutions,
+      dropout=m.dropout,
+      num_classes=m.num_classes,
+      class_dropout=m.class_dropout,
+      num_heads=m.num_heads,
+      num_head_channels=m.get('num_head_channels', 0),
+      resblock_updown=m.resblock_updown,
+      resamp_with_conv=m.resamp_with_conv,
+      norm_groups=m.norm_groups,
+      norm_eps=m.norm_eps,
+      flip_sin_to_cos=m.get('flip_sin_to_cos', False),
+      freq_shift=m.get('freq_shift', 1.0),
+      downsample_padding=m.get('downsample_padding', 'same'),
+      dtype=m.dtype,
+      remat=m.remat,
+  )
+
+
+def create_model(config) -> UNet:
+  """The U-Net of a run config."""
+  return UNet(unet_config_from(config))
+
+
+def init_params(model: UNet, key, image_size: int, channels: int):
+  """Freshly initialised float32 params of `model` for [1, image_size, image_size, channels] inputs."""
+  x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
+  t = jnp.zeros((1,), jnp.int32)
+  y = jnp.zeros((1,), jnp.int32) if model.config.num_classes > 0 else None
+  init = jax.jit(lambda k: model.init(k, x, t, y)['params'])
+  return init(key)
+
+
+def make_model_fn(model: UNet, params, *, train: bool = False, dropout_rng=None):
+  """model_fn(x, t, y=None) -> [B, H, W, out_channels], a closure over params.
+
+  This is the network as the diffusion math and the samplers see it. With
+  train=True (dropout on) a `dropout_rng` is required. Not jitted: it is meant
+  to be called inside jitted code.
+  """
+  if train and dropout_rng is None:
+    raise ValueError('make_model_fn(train=True) needs a dropout_rng')
+  rngs = {'dropout': dropout_rng} if dropout_rng is not None else None
+
+  def model_fn(x, t, y=None):
+    return model.apply({'params': params}, x, t, y, train=train, rngs=rngs)
+
+  return model_fn

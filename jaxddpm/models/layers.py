@@ -1,0 +1,196 @@
+"""Layers of the DDPM U-Net (Ho et al. 2020, Appendix B), NHWC.
+
+Names and initialisation follow the reference TensorFlow code
+(hojonathanho/diffusion, `diffusion_tf/models/unet.py` and `nn.py`):
+`norm1, conv1, temb_proj, norm2, conv2, nin_shortcut` in a ResBlock and
+`norm, q, k, v, proj_out` in an attention block.
+"""
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def ddpm_init(scale: float = 1.0):
+  """Variance scaling (fan_avg, uniform), the reference `default_init`.
+
+  A weight W with fan_in / fan_out is drawn from U(-a, a), a = sqrt(3 * scale /
+  ((fan_in + fan_out) / 2)). `scale=0` means 1e-10: the reference zero-inits the
+  last layer of every residual branch this way, so each block starts as the
+  identity map.
+  """
+  return nn.initializers.variance_scaling(1e-10 if scale == 0 else scale, 'fan_avg', 'uniform')
+
+
+def timestep_embedding(t, dim: int, *, flip_sin_to_cos: bool = False,
+                       freq_shift: float = 1.0, max_period: float = 10_000.0):
+  """Sinusoidal timestep embedding (Vaswani et al. 2017, Sec. 3.5; DDPM Appendix B).
+
+    freq_i = exp(-log(max_period) * i / (dim // 2 - freq_shift)),  i = 0 .. dim // 2 - 1
+    emb    = [sin(t * freq), cos(t * freq)]     ([cos, sin] when flip_sin_to_cos)
+
+  freq_shift=1, flip_sin_to_cos=False is the DDPM reference (and the diffusers
+  DDPM checkpoints); freq_shift=0, flip_sin_to_cos=True is the diffusers default.
+  An odd `dim` is zero-padded by one column.
+
+  Args:
+    t: [B] timesteps (int or float; fractional timesteps are allowed).
+    dim: embedding width.
+  Returns:
+    [B, dim] float32.
+  """
+  half = dim // 2
+  exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+  args = jnp.asarray(t, jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+  emb = [jnp.cos(args), jnp.sin(args)] if flip_sin_to_cos else [jnp.sin(args), jnp.cos(args)]
+  emb = jnp.concatenate(emb, axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def upsample_nearest(x):
+  """[B, H, W, C] -> [B, 2H, 2W, C], nearest neighbour."""
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def avg_pool_2x2(x):
+  """[B, H, W, C] -> [B, H/2, W/2, C], mean over 2x2 windows."""
+  return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm (Wu & He 2018) with the two-pass variance, as in PyTorch/TF.
+
+  Statistics are reduced in float32 whatever the compute dtype.
+  """
+  num_groups: int
+  epsilon: float
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.GroupNorm(num_groups=self.num_groups, epsilon=self.epsilon, dtype=self.dtype,
+                        param_dtype=jnp.float32, use_fast_variance=False)(x)
+
+
+def _conv(features, name, *, kernel=3, strides=1, padding='SAME', init_scale=1.0, dtype=jnp.float32):
+  return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=padding,
+                 kernel_init=ddpm_init(init_scale), dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def _dense(features, name, *, init_scale=1.0, dtype=jnp.float32):
+  return nn.Dense(features, kernel_init=ddpm_init(init_scale), dtype=dtype,
+                  param_dtype=jnp.float32, name=name)
+
+
+class Downsample(nn.Module):
+  """Halves the resolution: conv3x3 stride 2, or 2x2 average pooling.
+
+  padding='same' is TensorFlow 'SAME' (pad 0 before, 1 after for even sizes),
+  as the reference and the diffusers DDPM checkpoints (`downsample_padding=0`);
+  'symmetric' pads 1 on each side (diffusers `downsample_padding=1`).
+  """
+  with_conv: bool = True
+  padding: str = 'same'
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if not self.with_conv:
+      return avg_pool_2x2(x)
+    pad = {'same': 'SAME', 'symmetric': ((1, 1), (1, 1))}[self.padding]
+    return _conv(x.shape[-1], 'conv', strides=2, padding=pad, dtype=self.dtype)(x)
+
+
+class Upsample(nn.Module):
+  """Doubles the resolution: nearest neighbour, then conv3x3 when `with_conv`."""
+  with_conv: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = upsample_nearest(x)
+    if self.with_conv:
+      x = _conv(x.shape[-1], 'conv', dtype=self.dtype)(x)
+    return x
+
+
+class ResBlock(nn.Module):
+  """Residual block with timestep conditioning (DDPM Appendix B, Wide ResNet style).
+
+    h = conv1(swish(norm1(x))) + temb_proj(swish(temb))[:, None, None, :]
+    h = conv2(dropout(swish(norm2(h))))
+    out = shortcut(x) + h
+
+  shortcut is a 1x1 conv ("NIN") when the channel count changes. With
+  `resample='down'|'up'` (BigGAN-style, Brock et al. 2019; Song et al. 2021)
+  both branches are average-pooled / nearest-upsampled after the first
+  activation. conv2 starts near zero, so the block starts as the identity.
+
+  x: [B, H, W, Cin], temb: [B, D] -> [B, H', W', out_ch].
+  """
+  out_ch: int
+  dropout: float = 0.0
+  norm_groups: int = 32
+  norm_eps: float = 1e-6
+  resample: str = 'none'  # none | up | down
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, temb, train: bool = False):
+    h = nn.swish(GroupNorm(self.norm_groups, self.norm_eps, self.dtype, name='norm1')(x))
+    if self.resample == 'up':
+      h, x = upsample_nearest(h), upsample_nearest(x)
+    elif self.resample == 'down':
+      h, x = avg_pool_2x2(h), avg_pool_2x2(x)
+    h = _conv(self.out_ch, 'conv1', dtype=self.dtype)(h)
+    h = h + _dense(self.out_ch, 'temb_proj', dtype=self.dtype)(nn.swish(temb))[:, None, None, :]
+    h = nn.swish(GroupNorm(self.norm_groups, self.norm_eps, self.dtype, name='norm2')(h))
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = _conv(self.out_ch, 'conv2', init_scale=0.0, dtype=self.dtype)(h)
+    if x.shape[-1] != self.out_ch:
+      x = _conv(self.out_ch, 'nin_shortcut', kernel=1, dtype=self.dtype)(x)
+    return x + h
+
+
+class AttnBlock(nn.Module):
+  """Self-attention over the H*W positions (DDPM Appendix B; Wang et al. 2018).
+
+    q, k, v = W_q n, W_k n, W_v n            (n = norm(x), per position)
+    h = softmax(q k^T / sqrt(d)) v           (per head, d = C / num_heads)
+    out = x + proj_out(h)
+
+  One head (d = C) in DDPM. `num_head_channels > 0` fixes d instead of the
+  head count (diffusers' `attention_head_dim`). proj_out starts near zero.
+
+  x: [B, H, W, C] -> [B, H, W, C].
+  """
+  num_heads: int = 1
+  num_head_channels: int = 0
+  norm_groups: int = 32
+  norm_eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, hgt, wid, c = x.shape
+    heads = c // self.num_head_channels if self.num_head_channels > 0 else self.num_heads
+    if c % heads:
+      raise ValueError(f'attention: {c} channels do not split into {heads} heads')
+    d = c // heads
+    n = GroupNorm(self.norm_groups, self.norm_eps, self.dtype, name='norm')(x)
+    n = n.reshape(b, hgt * wid, c)
+    q, k, v = (_dense(c, name, dtype=self.dtype)(n).reshape(b, hgt * wid, heads, d)
+               for name in ('q', 'k', 'v'))
+    logits = jnp.einsum('bihd,bjhd->bhij', q, k) * (d ** -0.5)
+    # Softmax in float32: bfloat16 logits lose the small differences that matter here.
+    w = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    h = jnp.einsum('bhij,bjhd->bihd', w, v).reshape(b, hgt * wid, c)
+    h = _dense(c, 'proj_out', init_scale=0.0, dtype=self.dtype)(h)
+    return x + h.reshape(b, hgt, wid, c)

@@ -1,0 +1,175 @@
+"""The DDPM U-Net (Ho, Jain, Abbeel 2020, Appendix B), layer for layer.
+
+A PixelCNN++-style U-Net (Salimans et al. 2017) of Wide ResNet blocks with
+GroupNorm, a sinusoidal timestep embedding added in every block, and
+single-head self-attention at chosen resolutions. The structure and parameter
+names follow the reference code (hojonathanho/diffusion,
+`diffusion_tf/models/unet.py`); `configs/cifar.py` gives the paper's 35.7M
+parameter CIFAR-10 model.
+"""
+
+import dataclasses
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxddpm.models import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+  """Architecture of the U-Net. Lists are accepted and stored as tuples.
+
+  Attributes:
+    image_size: input height/width; attention goes at the levels whose
+      resolution image_size // 2**level is in `attn_resolutions`.
+    in_channels: image channels C of x.
+    out_channels: output channels (2C for learned variances: [eps, v]).
+    ch: base channel count; level i has ch * ch_mult[i] channels.
+    ch_mult: channel multiplier per level; len(ch_mult) levels, len - 1 downsamplings.
+    num_res_blocks: ResBlocks per level on the way down (num_res_blocks + 1 up).
+    attn_resolutions: resolutions with a self-attention block after each ResBlock.
+    dropout: dropout rate inside ResBlocks (active when train=True).
+    num_classes: 0 for unconditional; else a class embedding with
+      num_classes + 1 rows, row num_classes being the null class
+      (classifier-free guidance, Ho & Salimans 2021).
+    class_dropout: with train=True, the probability that a label is replaced
+      by the null class.
+    num_heads: attention heads (1 in DDPM).
+    num_head_channels: if > 0, heads = channels // num_head_channels instead.
+    resblock_updown: BigGAN-style ResBlocks for up/downsampling.
+    resamp_with_conv: conv3x3 in up/downsampling (else nearest / avg pool only).
+    norm_groups, norm_eps: GroupNorm groups and epsilon (32, 1e-6 in DDPM).
+    flip_sin_to_cos, freq_shift: timestep embedding variant, see
+      `layers.timestep_embedding` (DDPM: False, 1).
+    downsample_padding: 'same' (TF, DDPM) or 'symmetric' (pad 1 each side).
+    dtype: compute dtype name ('float32', 'bfloat16'); params are float32.
+    remat: recompute each block's activations in the backward pass (nn.remat).
+  """
+  image_size: int = 32
+  in_channels: int = 3
+  out_channels: int = 3
+  ch: int = 128
+  ch_mult: Sequence[int] = (1, 2, 2, 2)
+  num_res_blocks: int = 2
+  attn_resolutions: Sequence[int] = (16,)
+  dropout: float = 0.0
+  num_classes: int = 0
+  class_dropout: float = 0.0
+  num_heads: int = 1
+  num_head_channels: int = 0
+  resblock_updown: bool = False
+  resamp_with_conv: bool = True
+  norm_groups: int = 32
+  norm_eps: float = 1e-6
+  flip_sin_to_cos: bool = False
+  freq_shift: float = 1.0
+  downsample_padding: str = 'same'
+  dtype: str = 'float32'
+  remat: bool = False
+
+  def __post_init__(self):
+    # ConfigDicts read back from JSON hold lists; tuples keep the config hashable.
+    object.__setattr__(self, 'ch_mult', tuple(int(m) for m in self.ch_mult))
+    object.__setattr__(self, 'attn_resolutions', tuple(int(r) for r in self.attn_resolutions))
+    object.__setattr__(self, 'dtype', jnp.dtype(self.dtype).name)
+    if self.downsample_padding not in ('same', 'symmetric'):
+      raise ValueError(f"downsample_padding must be 'same' or 'symmetric', got {self.downsample_padding!r}")
+    for c in [self.ch * m for m in self.ch_mult]:
+      if c % self.norm_groups:
+        raise ValueError(f'{c} channels do not split into norm_groups={self.norm_groups} groups')
+
+
+class UNet(nn.Module):
+  """eps_theta(x_t, t) of DDPM (Ho et al. 2020, eq. 11 and Appendix B).
+
+  Call: `model.apply({'params': p}, x, t, y, train=False, rngs={'dropout': key})`.
+    x: [B, H, W, C] with H, W divisible by 2**(len(ch_mult) - 1).
+    t: [B] timesteps (int or float).
+    y: [B] int labels in [0, num_classes] (num_classes = null class); None
+      means the null class. Only for num_classes > 0.
+  Returns: [B, H, W, out_channels] float32.
+  """
+  config: UNetConfig
+
+  @nn.compact
+  def __call__(self, x, t, y=None, *, train: bool = False):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    num_levels = len(cfg.ch_mult)
+    factor = 2 ** (num_levels - 1)
+    if x.ndim != 4 or x.shape[1] % factor or x.shape[2] % factor:
+      raise ValueError(f'x must be [B, H, W, C] with H, W divisible by {factor}, got {x.shape}')
+    res_block = nn.remat(layers.ResBlock, static_argnums=(3,)) if cfg.remat else layers.ResBlock
+    attn_block = nn.remat(layers.AttnBlock) if cfg.remat else layers.AttnBlock
+
+    def resnet(out_ch, name, resample='none'):
+      return res_block(out_ch, dropout=cfg.dropout, norm_groups=cfg.norm_groups, norm_eps=cfg.norm_eps,
+                       resample=resample, dtype=dtype, name=name)
+
+    def attention(name):
+      return attn_block(num_heads=cfg.num_heads, num_head_channels=cfg.num_head_channels,
+                        norm_groups=cfg.norm_groups, norm_eps=cfg.norm_eps, dtype=dtype, name=name)
+
+    def dense(features, name):
+      return nn.Dense(features, kernel_init=layers.ddpm_init(), dtype=dtype, param_dtype=jnp.float32, name=name)
+
+    def has_attn(level):
+      return cfg.image_size // 2 ** level in cfg.attn_resolutions
+
+    # Timestep (and class) embedding: [B] -> [B, 4 ch].
+    temb = layers.timestep_embedding(t, cfg.ch, flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
+    temb = dense(4 * cfg.ch, 'temb_dense1')(nn.swish(dense(4 * cfg.ch, 'temb_dense0')(temb)))
+    if cfg.num_classes > 0:
+      if y is None:
+        y = jnp.full(x.shape[:1], cfg.num_classes, jnp.int32)
+      if train and cfg.class_dropout > 0:
+        drop = nn.make_rng('dropout')
+        y = jnp.where(jax.random.bernoulli(drop, cfg.class_dropout, y.shape), cfg.num_classes, y)
+      temb = temb + nn.Embed(cfg.num_classes + 1, 4 * cfg.ch, dtype=dtype, param_dtype=jnp.float32,
+                             name='class_embed')(y)
+    elif y is not None:
+      raise ValueError('labels y were given to a model with num_classes=0')
+
+    # Downsampling path; every intermediate output is kept for the skips.
+    hs = [nn.Conv(cfg.ch, (3, 3), padding='SAME', kernel_init=layers.ddpm_init(), dtype=dtype,
+                  param_dtype=jnp.float32, name='conv_in')(x.astype(dtype))]
+    for level, mult in enumerate(cfg.ch_mult):
+      for i in range(cfg.num_res_blocks):
+        h = resnet(cfg.ch * mult, f'down_{level}_block_{i}')(hs[-1], temb, train)
+        if has_attn(level):
+          h = attention(f'down_{level}_attn_{i}')(h)
+        hs.append(h)
+      if level != num_levels - 1:
+        if cfg.resblock_updown:
+          hs.append(resnet(cfg.ch * mult, f'down_{level}_downsample', 'down')(hs[-1], temb, train))
+        else:
+          hs.append(layers.Downsample(cfg.resamp_with_conv, cfg.downsample_padding, dtype,
+                                      name=f'down_{level}_downsample')(hs[-1]))
+
+    # Middle.
+    h = hs[-1]
+    h = resnet(h.shape[-1], 'mid_block_0')(h, temb, train)
+    h = attention('mid_attn')(h)
+    h = resnet(h.shape[-1], 'mid_block_1')(h, temb, train)
+
+    # Upsampling path: num_res_blocks + 1 blocks per level, each eating one skip.
+    for level in reversed(range(num_levels)):
+      for i in range(cfg.num_res_blocks + 1):
+        h = jnp.concatenate([h, hs.pop()], axis=-1)
+        h = resnet(cfg.ch * cfg.ch_mult[level], f'up_{level}_block_{i}')(h, temb, train)
+        if has_attn(level):
+          h = attention(f'up_{level}_attn_{i}')(h)
+      if level != 0:
+        if cfg.resblock_updown:
+          h = resnet(h.shape[-1], f'up_{level}_upsample', 'up')(h, temb, train)
+        else:
+          h = layers.Upsample(cfg.resamp_with_conv, dtype, name=f'up_{level}_upsample')(h)
+    assert not hs, 'every skip connection is used once'
+
+    h = nn.swish(layers.GroupNorm(cfg.norm_groups, cfg.norm_eps, dtype, name='norm_out')(h))
+    h = nn.Conv(cfg.out_channels, (3, 3), padding='SAME', kernel_init=layers.ddpm_init(0.0), dtype=dtype,
+                param_dtype=jnp.float32, name='conv_out')(h)
+    return h.astype(jnp.float32)
