@@ -22,6 +22,7 @@ the latest complete one.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any
 
@@ -31,6 +32,17 @@ import orbax.checkpoint as ocp
 PyTree = Any
 
 CHECKPOINT_DIR = 'checkpoints'
+
+
+class _OrbaxInfoFilter(logging.Filter):
+  """Drops Orbax's INFO records (a dozen per save); its warnings and errors pass."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or f'{os.sep}orbax{os.sep}' not in record.pathname
+
+
+# Orbax logs through absl's logger, which the training loop's own INFO lines share.
+logging.getLogger('absl').addFilter(_OrbaxInfoFilter())
 
 
 def checkpoint_dir(workdir: str) -> str:

@@ -1,0 +1,165 @@
+"""Input pipelines: values against independent references, order as a pure function of (seed, step)."""
+
+import os
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+from sklearn import datasets as sk_datasets
+
+from configs import tiny
+from jaxddpm import data
+
+
+@pytest.fixture(scope='module')
+def digits_images():
+  return sk_datasets.load_digits()
+
+
+def _pipeline(source, **kw):
+  kw.setdefault('global_batch_size', 64)
+  kw.setdefault('seed', 0)
+  return data.Pipeline(source, **kw)
+
+
+def test_digits_values_and_split(digits_images):
+  train = data.digits_source('train', 8, 1)
+  test = data.digits_source('test', 8, 1)
+  assert len(train) == 1500 and len(test) == data.DIGITS_NUM_TEST == 297
+  ref = digits_images.images.astype(np.float64) / 8.0 - 1.0  # 0..16 -> [-1, 1]
+  np.testing.assert_array_equal(train.images[..., 0], ref[:1500].astype(np.float32))
+  np.testing.assert_array_equal(test.images[..., 0], ref[1500:].astype(np.float32))
+  np.testing.assert_array_equal(test.labels, digits_images.target[1500:])
+  assert train.images.min() == -1.0 and train.images.max() == 1.0
+
+
+def test_digits_upsampled_bilinear(digits_images):
+  src = data.digits_source('train', 16, 1)
+  assert src.images.shape == (1500, 16, 16, 1)
+  ref = np.asarray(jax.image.resize(
+      digits_images.images[:10].astype(np.float32) / 8.0 - 1.0, (10, 16, 16), 'bilinear'))
+  np.testing.assert_allclose(src.images[:10, ..., 0], ref, atol=1e-5)
+  assert src.images.min() >= -1.0 and src.images.max() <= 1.0
+
+
+def test_order_is_pure_function_of_seed_and_step():
+  src = data.digits_source('train', 8, 1)
+  a, b = _pipeline(src), _pipeline(src)
+  for step in (0, 7, 23, 500):  # 500 * 64 examples: epoch 21
+    np.testing.assert_array_equal(a.batch(step)['image'], b.batch(step)['image'])
+  other_seed = _pipeline(src, seed=1)
+  assert not np.array_equal(a.global_indices(3), other_seed.global_indices(3))
+  # The prefetching iterator, started mid-run, yields exactly batch(step).
+  it = a.iterate(11)
+  for step in range(11, 20):
+    np.testing.assert_array_equal(next(it)['image'], b.batch(step)['image'])
+
+
+def test_every_epoch_visits_every_example_once():
+  src = data.ArraySource(np.zeros((10, 1, 1, 1), np.float32))
+  p = _pipeline(src, global_batch_size=4)
+  stream = np.concatenate([p.global_indices(s) for s in range(5)])  # 20 = two epochs
+  assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
+  assert not np.array_equal(stream[:10], stream[10:])  # reshuffled each epoch
+  expected = np.random.default_rng([0, 1]).permutation(10)
+  np.testing.assert_array_equal(stream[10:], expected)
+
+
+def test_processes_read_their_slice_of_the_global_batch():
+  src = data.digits_source('train', 8, 1)
+  whole = _pipeline(src, with_labels=True, random_flip=True).batch(9)
+  parts = [_pipeline(src, with_labels=True, random_flip=True, process_index=p,
+                     process_count=4).batch(9) for p in range(4)]
+  for key in ('image', 'label'):
+    np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
+  with pytest.raises(data.DatasetError, match='divisible'):
+    _pipeline(src, global_batch_size=6, process_count=4)
+
+
+def test_random_flip_mirrors_about_half():
+  src = data.digits_source('train', 8, 1)
+  plain = _pipeline(src).batch(4)['image']
+  flipped = _pipeline(src, random_flip=True).batch(4)['image']
+  mirrored = np.array([not np.array_equal(a, b) and np.array_equal(a[:, ::-1], b)
+                       for a, b in zip(plain, flipped)])
+  same = np.array([np.array_equal(a, b) for a, b in zip(plain, flipped)])
+  assert np.all(mirrored | same)
+  assert 16 < mirrored.sum() < 48
+
+
+def test_labels_follow_images(digits_images):
+  src = data.digits_source('train', 8, 1)
+  p = _pipeline(src, with_labels=True)
+  idx = p.global_indices(2)
+  np.testing.assert_array_equal(p.batch(2)['label'], digits_images.target[idx])
+  assert 'label' not in _pipeline(src).batch(2)
+
+
+def _write_png(path, array):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(array).save(path)
+
+
+def test_folder_center_crop_and_labels(tmp_path):
+  rng = np.random.RandomState(0)
+  centre = rng.randint(0, 256, (6, 6, 3), np.uint8)
+  wide = np.full((6, 10, 3), 255, np.uint8)
+  wide[:, 2:8] = centre  # a 6x10 image whose central 6x6 square is `centre`
+  _write_png(str(tmp_path / 'cats' / 'a.png'), wide)
+  _write_png(str(tmp_path / 'dogs' / 'b.png'), np.full((20, 20, 3), 40, np.uint8))
+  (tmp_path / 'notes.txt').write_text('not an image')
+  src = data.FolderSource(str(tmp_path), 6, 3, with_labels=True)
+  assert len(src) == 2 and src.classes == ['cats', 'dogs']
+  image, label = src[0]
+  np.testing.assert_allclose(image, centre.astype(np.float64) / 127.5 - 1, atol=1e-6)
+  assert label == 0
+  image, label = src[1]  # constant image: any resize keeps the value
+  np.testing.assert_allclose(image, np.full((6, 6, 3), 40 / 127.5 - 1), atol=1e-6)
+  assert label == 1
+  gray = data.FolderSource(str(tmp_path), 6, 1)
+  luma = 0.299 * centre[..., 0] + 0.587 * centre[..., 1] + 0.114 * centre[..., 2]
+  np.testing.assert_allclose(gray[0][0][..., 0] * 127.5 + 127.5, luma, atol=1.0)
+
+
+def test_tfds_mock_cifar10(tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  with tfds.testing.mock_data(num_examples=12, data_dir=str(tmp_path)):
+    src = data.TFDSSource('cifar10', 'train', 32, 3, data_dir=str(tmp_path), with_labels=True)
+    raw = tfds.data_source('cifar10', split='train', data_dir=str(tmp_path))
+    assert len(src) == 12
+    image, label = src[5]
+    np.testing.assert_allclose(image, raw[5]['image'].astype(np.float64) / 127.5 - 1, atol=1e-6)
+    assert label == int(raw[5]['label'])
+    small = data.TFDSSource('cifar10', 'train', 8, 1, data_dir=str(tmp_path))
+    assert small[5][0].shape == (8, 8, 1)
+
+
+@pytest.mark.parametrize('dataset, field, message', [
+    ('no_such_dataset_xyz', None, 'Unknown dataset'),
+    ('folder', None, 'needs data.data_dir'),
+    ('folder', '/nonexistent/images', 'does not exist'),
+    ('digits', 'channels', 'grayscale'),
+])
+def test_bad_sources(dataset, field, message):
+  config = tiny.get_config()
+  config.data.dataset = dataset
+  if field == 'channels':
+    config.data.channels = 3
+  elif field:
+    config.data.data_dir = field
+  with pytest.raises(data.DatasetError, match=message):
+    data.create_source(config.data, split='train')
+
+
+def test_empty_folder(tmp_path):
+  with pytest.raises(data.DatasetError, match='no .png'):
+    data.FolderSource(str(tmp_path), 8, 1)
+
+
+def test_eval_batches_in_order(digits_images):
+  config = tiny.get_config()
+  batches = list(data.eval_batches(config, batch_size=100, num_examples=250))
+  assert [len(b['image']) for b in batches] == [100, 100, 50]
+  np.testing.assert_array_equal(np.concatenate([b['label'] for b in batches]),
+                                digits_images.target[1500:1750])
