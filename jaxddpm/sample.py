@@ -28,13 +28,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from jax.tree_util import Partial
 
 from jaxddpm import checkpoint
 from jaxddpm import diffusion
+from jaxddpm import models
 from jaxddpm import parallel
+from jaxddpm import runs
 from jaxddpm import samplers
 from jaxddpm import schedules
 
@@ -58,14 +59,6 @@ class _Apply:
 def make_model_fn(model, params) -> Partial:
   """model_fn(x, t, y=None) as a `Partial` over params, so jit takes them as arguments."""
   return Partial(_Apply(model), params)
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
-    raise SampleError(f'{workdir!r} is not a run directory: no config.json in it')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
 
 
 def _check_checkpoint(workdir: str) -> None:
@@ -220,7 +213,10 @@ def sample_run(workdir: str, *, sampler: str | None = None, steps: int | None = 
   Raises:
     SampleError: bad input, with a message naming it.
   """
-  config = read_config(workdir)
+  try:
+    config = runs.read_config(workdir)
+  except FileNotFoundError as e:
+    raise SampleError(str(e)) from None
   _check_checkpoint(workdir)
   mesh = parallel.make_mesh() if mesh is None else mesh
   opts = _resolve(config, sampler=sampler, steps=steps, eta=eta, num_samples=num_samples,
@@ -234,9 +230,10 @@ def sample_run(workdir: str, *, sampler: str | None = None, steps: int | None = 
     if inpaint_resample < 1 or inpaint_jump_length < 1:
       raise SampleError('inpaint_resample and inpaint_jump_length must be >= 1')
 
-  from jaxddpm import models  # pylint: disable=g-import-not-at-top
-  from jaxddpm import runs  # pylint: disable=g-import-not-at-top
-  config, params, _ = runs.load_run(workdir, ema=True)
+  try:
+    config, params, _ = runs.load_run(workdir, ema=True)
+  except (FileNotFoundError, ValueError) as e:
+    raise SampleError(str(e)) from None
   rep = parallel.replicated(mesh)
   model_fn = make_model_fn(models.create_model(config), jax.device_put(params, rep))
   if opts['guidance_scale'] > 0:
