@@ -257,10 +257,10 @@ def _inpainting_setup():
   return known, jnp.asarray(mask)
 
 
-@pytest.mark.parametrize('resample,jump', [(1, 1), (3, 5)])
-def test_inpainting_keeps_known_pixels_and_samples_the_rest(schedule, resample, jump):
-  """Replacement (resample=1) and RePaint: known pixels exact; the unknown pixels are
-  independent of them here, so they follow the plan's exact recursion."""
+def test_repaint_keeps_known_pixels_and_samples_the_rest(schedule):
+  """Known pixels come back exact; the unknown pixels are independent of them here, so they
+  follow the RePaint plan's exact recursion (renoising steps included)."""
+  resample, jump = 3, 5
   known, mask = _inpainting_setup()
   sampler = samplers.make_sampler(schedule, sampler='ddpm', num_steps=50,
                                   repaint_resample=resample, repaint_jump_length=jump,
@@ -275,6 +275,72 @@ def test_inpainting_keeps_known_pixels_and_samples_the_rest(schedule, resample, 
   psnr = samplers.masked_psnr(x, known, mask)
   chex.assert_shape(psnr, (SHAPE[0],))
   assert np.all(np.isfinite(psnr))
+
+
+def _exact_inpainting(use, times, ops, sigma, mu, known):
+  """Mean and std of pixel 1 given pixel 0 = known, for x_0 ~ N(mu, sigma) on two pixels:
+  the sampler's 2-d linear-Gaussian recursion, pixel 0 replaced by q(x_t | known) after each
+  denoising step (and at the start)."""
+  ab = np.cumprod(1.0 - BETAS)[np.asarray(use)]
+  abp = np.append(1.0, ab[:-1])
+  b = 1.0 - ab / abp
+
+  def replace(m, c, a):
+    m, c = m.copy(), c.copy()
+    m[0], c[0, :], c[:, 0] = np.sqrt(a) * known, 0.0, 0.0
+    c[0, 0] = 1.0 - a
+    return m, c
+
+  m, c = replace(np.zeros(2), np.eye(2), ab[-1])
+  for i, op in zip(times, ops):
+    if op == samplers.OP_RENOISE:
+      m, c = np.sqrt(1 - b[i]) * m, (1 - b[i]) * c + b[i] * np.eye(2)
+      continue
+    a, ap = ab[i], abp[i]
+    gain = np.sqrt(1 - a) * np.linalg.inv(a * sigma + (1 - a) * np.eye(2))
+    x1 = (np.eye(2) - np.sqrt(1 - a) * gain) / np.sqrt(a)  # x0-hat = x1 x + x0
+    x0 = np.sqrt(1 - a) * gain @ mu
+    coef1, coef2 = np.sqrt(ap) * b[i] / (1 - a), np.sqrt(1 - b[i]) * (1 - ap) / (1 - a)
+    A = coef1 * x1 + coef2 * np.eye(2)
+    m, c = A @ m + coef1 * x0, A @ c @ A.T + (b[i] if i > 0 else 0.0) * np.eye(2)
+    m, c = replace(m, c, ap)
+  return m[1], np.sqrt(c[1, 1])
+
+
+@pytest.mark.parametrize('resample,jump', [(1, 1), (5, 5), (10, 1)])
+def test_inpainting_conditions_on_the_known_region(schedule, resample, jump):
+  """Two pixels with correlation 0.9, the first known: the fill follows the plan's exact
+  recursion, and RePaint's resampling moves it towards the true conditional
+  N(MU + 0.9 (k - MU), S^2 (1 - 0.81)) that the replacement method misses."""
+  rho, k, n = 0.9, 0.6, 4096
+  sigma = S ** 2 * np.array([[1.0, rho], [rho, 1.0]])
+  mu = np.array([MU, MU])
+  abar = jnp.asarray(np.cumprod(1.0 - BETAS), jnp.float32)
+
+  def model_fn(x, t):  # the optimal eps of q(x_t) = N(sqrt(a) mu, a sigma + (1 - a) I)
+    a = abar[t][:, None]
+    flat = x.reshape(-1, 2)
+    diag, off = a * S ** 2 + 1 - a, a * S ** 2 * rho  # [[diag, off], [off, diag]]^-1 below
+    centred = flat - jnp.sqrt(a) * MU
+    eps = jnp.sqrt(1 - a) * (diag * centred - off * centred[:, ::-1]) / (diag ** 2 - off ** 2)
+    return eps.reshape(x.shape)
+
+  sampler = samplers.make_sampler(schedule, sampler='ddpm', num_steps=100,
+                                  repaint_resample=resample, repaint_jump_length=jump,
+                                  clip_denoised=False)
+  known = jnp.full((n, 1, 2, 1), k)
+  mask = jnp.asarray([1.0, 0.0]).reshape(1, 1, 2, 1)
+  x = np.asarray(samplers.sample(model_fn, sampler, jax.random.key(14), (n, 1, 2, 1),
+                                 known=known, mask=mask))
+  np.testing.assert_array_equal(x[:, 0, 0, 0], np.float32(k))
+  use = schedules.space_timesteps(T, 100, 'uniform')
+  times, ops = samplers.repaint_plan(100, jump, resample)
+  mean, std = _exact_inpainting(use, times, ops, sigma, mu, k)
+  assert_moments(x[:, 0, 1, 0], mean, std, n=n)
+  true_mean = MU + rho * (k - MU)
+  replacement_mean, _ = _exact_inpainting(use, *samplers.repaint_plan(100, 1, 1), sigma, mu, k)
+  if resample > 1:
+    assert abs(mean - true_mean) < 0.55 * abs(replacement_mean - true_mean)
 
 
 def test_repaint_plan_small_example():
