@@ -145,7 +145,7 @@ class DigitsExtractor:
       params, accuracy = train_classifier(image_size, seed=seed)
       flat = {'params/' + k: np.asarray(v) for k, v in _flatten(params).items()}
       os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-      tmp = cache_path + '.tmp.npz'  # atomic against concurrent readers
+      tmp = f'{cache_path}.{os.getpid()}.tmp.npz'  # atomic against concurrent readers
       np.savez(tmp, image_size=image_size, test_accuracy=accuracy, **flat)
       os.replace(tmp, cache_path)
     return cls(params=jax.tree.map(jnp.asarray, params), image_size=image_size,

@@ -153,7 +153,7 @@ class FeatureStats:
     """Writes the statistics as .npz (atomically)."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + '.tmp.npz'
+    tmp = f'{path}.{os.getpid()}.tmp.npz'  # atomic: readers never see half a file
     np.savez(tmp, mu=self.mu, sigma=self.sigma, features=self.features,
              num_images=self.num_images, extractor=self.extractor)
     os.replace(tmp, path)
@@ -479,3 +479,114 @@ def write_json(path, metrics):
   with open(path, 'w') as f:
     json.dump(scalars(metrics), f, indent=2, sort_keys=True)
     f.write('\n')
+
+
+# ---------------------------------------------------------------------------
+# Runs: evaluation during training and of sampled runs.
+
+
+def eval_dir(workdir):
+  """workdir/eval: the digits classifier and reference statistics of a run."""
+  return os.path.join(workdir, 'eval')
+
+
+def run_extractor(config, *, workdir=None, inception_weights=None, mesh=None, required=True):
+  """The extractor for a run's sample metrics, with its files cached in workdir/eval.
+
+  Digits runs use the digits classifier unless Inception weights are given.
+  Other data sets need Inception weights: without them this raises
+  InceptionWeightsError, or returns None when `required` is False.
+  """
+  weights = inception_weights or config.eval.get('inception_weights', '')
+  if config.data.dataset == 'digits' and not weights:
+    size = int(config.data.image_size)
+    cache = os.path.join(eval_dir(workdir), f'digits_classifier_{size}px.npz') if workdir else None
+    return DigitsExtractor.load_or_train(cache, image_size=size)
+  if not weights and not required:
+    return None
+  return InceptionExtractor.from_weights(weights, mesh=mesh)
+
+
+def _model_fn(model, params):
+  from jaxddpm import sample  # pylint: disable=g-import-not-at-top
+  return sample.make_model_fn(model, params)
+
+
+def generate_samples(config, model_fn, schedule, num_samples, key, *, mesh=None):
+  """num_samples float32 [N, H, W, C] samples (unclipped) with config.sampling's sampler.
+
+  Batches of config.sampling.batch_size (rounded to the mesh), sharded over
+  its 'data' axis; conditional models get uniform random labels and
+  config.sampling.guidance_scale.
+  """
+  from jaxddpm import samplers  # pylint: disable=g-import-not-at-top
+  s = config.sampling
+  types = diffusion.types_from_config(config.diffusion)
+  plan = samplers.make_sampler(
+      schedule, sampler=s.sampler, num_steps=min(int(s.num_steps), schedule.num_timesteps),
+      eta=float(s.eta), model_mean_type=types['model_mean_type'],
+      model_var_type=types['model_var_type'], clip_denoised=bool(s.clip_denoised))
+  num_classes = int(config.model.num_classes)
+  if num_classes and float(s.guidance_scale) > 0:
+    model_fn = samplers.classifier_free_guidance(model_fn, float(s.guidance_scale), num_classes)
+  batch = _round_to_mesh(min(int(s.batch_size), num_samples), mesh)
+  size, channels = int(config.data.image_size), int(config.data.channels)
+  sharding = None if mesh is None else NamedSharding(mesh, P('data'))
+
+  @functools.partial(jax.jit, out_shardings=sharding)
+  def start(key):
+    x_key, y_key = jax.random.split(key)
+    x_T = jax.random.normal(x_key, (batch, size, size, channels), jnp.float32)
+    return x_T, jax.random.randint(y_key, (batch,), 0, max(num_classes, 1), jnp.int32)
+
+  out = []
+  for b in range(-(-num_samples // batch)):
+    batch_key = jax.random.fold_in(key, b)
+    x_T, y = start(batch_key)
+    kwargs = {'y': y} if num_classes else None
+    out.append(_fetch(samplers.sample(model_fn, plan, batch_key, x_T=x_T, model_kwargs=kwargs)))
+  return np.concatenate(out)[:num_samples]
+
+
+def held_out_bits_per_dim(config, model_fn, schedule, key, *, num_examples=None, mesh=None):
+  """bits_per_dim of the first `num_examples` images of config.data.eval_split."""
+  from jaxddpm import data  # pylint: disable=g-import-not-at-top
+  batches = list(data.eval_batches(config, batch_size=1024, num_examples=num_examples))
+  images = np.concatenate([b['image'] for b in batches])
+  labels = np.concatenate([b['label'] for b in batches]) if config.model.num_classes else None
+  types = diffusion.types_from_config(config.diffusion)
+  return bits_per_dim(model_fn, schedule, images, key, labels=labels,
+                      batch_size=int(config.eval.get('batch_size', config.sampling.batch_size)),
+                      mesh=mesh, model_mean_type=types['model_mean_type'],
+                      model_var_type=types['model_var_type'],
+                      clip_denoised=bool(config.sampling.clip_denoised))
+
+
+_BPD_LOG_KEYS = ('bpd', 'prior_bpd', 'decoder_bpd', 'terms_bpd')
+
+
+def training_metrics(config, model, schedule, params, mesh, *, step, workdir=None):
+  """Metrics every config.training.eval_every steps, with the (EMA) `params`.
+
+  - bits/dim on the first config.eval.bpd_num_examples held-out images;
+  - FID / IS / KID of config.eval.num_samples samples against the training set:
+    the digits classifier for digits, Inception when config.eval.inception_weights
+    is set (otherwise skipped).
+  Returns {name: float}. All processes must call it.
+  """
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(int(config.seed)), 0xE7A1), step)
+  bpd_key, sample_key = jax.random.split(key)
+  model_fn = _model_fn(model, params)
+  out = {}
+  if int(config.eval.bpd_num_examples) > 0:
+    bpd = held_out_bits_per_dim(config, model_fn, schedule, bpd_key,
+                                num_examples=int(config.eval.bpd_num_examples), mesh=mesh)
+    out.update({k: bpd[k] for k in _BPD_LOG_KEYS})
+  num_samples = int(config.eval.num_samples)
+  extractor = run_extractor(config, workdir=workdir, mesh=mesh, required=False)
+  if num_samples > 1 and extractor is not None:
+    ref = dataset_reference_stats(config, extractor,
+                                  cache_dir=eval_dir(workdir) if workdir else None)
+    samples = generate_samples(config, model_fn, schedule, num_samples, sample_key, mesh=mesh)
+    out.update(scalars(compute_metrics(samples, ref, extractor=extractor)))
+  return out

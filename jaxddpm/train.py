@@ -293,16 +293,19 @@ def save_image_grid(images: np.ndarray, path: str) -> None:
   Image.fromarray(grid).save(path)
 
 
-def evaluate(config, model, schedule: schedules.Schedule, state: TrainState, mesh) -> dict[str, float]:
+def evaluate(config, model, schedule: schedules.Schedule, state: TrainState, mesh,
+             workdir: str | None = None) -> dict[str, float]:
   """Evaluation during training, every config.training.eval_every steps.
 
-  The hook for held-out bits/dim and sample-quality metrics (FID, ...),
-  computed with the EMA parameters. Returns {name: value}; the loop writes
-  them to metrics.jsonl and TensorBoard under 'eval/<name>'. All processes
-  call it. No metrics yet.
+  Held-out bits/dim and sample-quality metrics (FID / IS / KID: the digits
+  classifier for digits, Inception when config.eval.inception_weights is set),
+  computed with the EMA parameters; see `evaluation.training_metrics`.
+  Returns {name: value}; the loop writes them to metrics.jsonl and TensorBoard
+  under 'eval/<name>'. All processes call it.
   """
-  del config, model, schedule, state, mesh
-  return {}
+  from jaxddpm import evaluation  # pylint: disable=g-import-not-at-top
+  return evaluation.training_metrics(config, model, schedule, state.ema_params, mesh,
+                                     step=int(jax.device_get(state.step)), workdir=workdir)
 
 
 # ---------------------------------------------------------------------------
@@ -675,7 +678,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             save_image_grid(images, os.path.join(workdir, 'samples', f'step_{step:06d}.png'))
             writer.image(step, 'samples', image_grid(images))
         if _crossed(before, step, int(t.eval_every)):
-          results = evaluate(config, model, schedule, state, mesh)
+          results = evaluate(config, model, schedule, state, mesh, workdir)
           if results:
             writer.write(step, {f'eval/{name}': float(v) for name, v in results.items()})
         if stop_now:

@@ -3,6 +3,7 @@ parity with the PyTorch reference network, the digits classifier, bits/dim."""
 
 import dataclasses
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -227,11 +228,19 @@ def test_compute_metrics_matches_direct_formulas(tmp_path):
 # --- Digits classifier ---------------------------------------------------------------------
 
 
-def test_digits_classifier(tmp_path):
+@pytest.fixture(scope='module')
+def digits_cnn_cache(tmp_path_factory):
+  """The digits classifier at 8x8, trained once for this module."""
+  path = tmp_path_factory.mktemp('digits') / 'digits_cnn.npz'
+  evaluation.DigitsExtractor.load_or_train(path, image_size=8)
+  return path
+
+
+def test_digits_classifier(digits_cnn_cache):
   """Trains in seconds to high accuracy; held-out digits are near the training digits in its
   feature space, noise is far."""
   from jaxddpm import digits_classifier  # pylint: disable=g-import-not-at-top
-  cache = tmp_path / 'digits_cnn.npz'
+  cache = digits_cnn_cache
   extractor = evaluation.DigitsExtractor.load_or_train(cache, image_size=8)
   assert extractor.test_accuracy > 0.9
   train_x, _ = digits_classifier.load_digits_split('train', 8)
@@ -302,6 +311,34 @@ def test_bits_per_dim_sharded_equals_direct(with_labels):
                              rtol=1e-4)
   assert got['num_examples'] == 6 and got['vb_per_t'].shape == (8,)
 
-  unsharded = evaluation.bits_per_dim(_toy_model_fn, schedule, images, key, labels=labels,
-                                      batch_size=4, **types)
-  np.testing.assert_allclose(unsharded['vb_per_t'], got['vb_per_t'], rtol=1e-5)
+  if not with_labels:
+    unsharded = evaluation.bits_per_dim(_toy_model_fn, schedule, images, key, batch_size=4,
+                                        **types)
+    np.testing.assert_allclose(unsharded['vb_per_t'], got['vb_per_t'], rtol=1e-5)
+
+
+# --- During training -----------------------------------------------------------------------
+
+
+def test_training_eval_hook(tmp_path, digits_cnn_cache):
+  """train.evaluate (called every eval_every steps) gives held-out bits/dim and the digits
+  metrics of samples, caching the classifier and reference statistics in workdir/eval."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from jaxddpm import models  # pylint: disable=g-import-not-at-top
+  from jaxddpm import train  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.eval.num_samples = 20
+  config.eval.bpd_num_examples = 6
+  config.sampling.num_steps = 4
+  config.sampling.batch_size = 8
+  os.makedirs(tmp_path / 'eval')
+  shutil.copy(digits_cnn_cache, tmp_path / 'eval' / 'digits_classifier_8px.npz')
+  model = models.create_model(config)
+  state = train.create_train_state(config, model, jax.random.PRNGKey(0))
+  schedule = schedules.schedule_from_config(config.diffusion)
+  r = train.evaluate(config, model, schedule, state, parallel.make_mesh(), str(tmp_path))
+  np.testing.assert_allclose(r['bpd'], r['prior_bpd'] + r['decoder_bpd'] + r['terms_bpd'],
+                             rtol=1e-5)
+  assert 1 < r['bpd'] < 30  # an untrained network: far from the data, finite
+  assert r['digits_fid'] > 0 and 1 <= r['digits_is'] <= 10 and 'digits_kid' in r
+  assert any(n.startswith('ref_stats_digits_train_8px') for n in os.listdir(tmp_path / 'eval'))

@@ -339,7 +339,7 @@ def load_torch_state_dict(path, *, cache_path=None):
   state_dict = torch.load(path, map_location='cpu', weights_only=True)
   arrays = {k: v.detach().cpu().numpy() for k, v in state_dict.items()
             if not k.endswith('num_batches_tracked')}
-  tmp = cache_path + '.tmp.npz'  # atomic: concurrent processes never read half a file
+  tmp = f'{cache_path}.{os.getpid()}.tmp.npz'  # atomic: readers never see half a file
   np.savez(tmp, **arrays)
   os.replace(tmp, cache_path)
   return arrays
