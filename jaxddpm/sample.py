@@ -26,6 +26,7 @@ import math
 import os
 from typing import Any
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,8 +151,12 @@ def _resolve(config, *, sampler, steps, eta, num_samples, batch_size, seed, clas
   if opts['guidance_scale'] > 0 and num_classes == 0:
     raise SampleError('classifier-free guidance needs a class-conditional model; this one is '
                       'unconditional (model.num_classes = 0)')
+  if opts['guidance_scale'] > 0 and not float(config.model.get('class_dropout', 0.0)) > 0:
+    logging.warning('guidance_scale > 0, but the model was trained without label dropout '
+                    '(model.class_dropout = 0): its null-class prediction is untrained.')
   # Every device gets the same share of a batch; round up, the extra samples are dropped.
-  opts['batch_size'] = math.ceil(min(opts['batch_size'], opts['num_samples']) / mesh_size) * mesh_size
+  batch = min(opts['batch_size'], opts['num_samples'])
+  opts['batch_size'] = math.ceil(batch / mesh_size) * mesh_size
   return opts
 
 
