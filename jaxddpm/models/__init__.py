@@ -5,6 +5,8 @@ so the model code does not depend on the config schema; `unet_config_from`
 is the one place that reads `config.model`.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -54,27 +56,40 @@ def create_model(config) -> UNet:
   return UNet(unet_config_from(config))
 
 
+@functools.partial(jax.jit, static_argnames=('model', 'image_size', 'channels'))
 def init_params(model: UNet, key, image_size: int, channels: int):
-  """Freshly initialised float32 params of `model` for [1, image_size, image_size, channels] inputs."""
+  """Freshly initialised float32 params of `model` for [1, image_size, image_size, channels] inputs.
+
+  Jitted (equal models share the compiled init); use it under `jax.eval_shape`
+  for shapes without allocating.
+  """
   x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
   t = jnp.zeros((1,), jnp.int32)
   y = jnp.zeros((1,), jnp.int32) if model.config.num_classes > 0 else None
-  init = jax.jit(lambda k: model.init(k, x, t, y)['params'])
-  return init(key)
+  return model.init(key, x, t, y)['params']
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'train'))
+def _apply(model: UNet, params, x, t, y, dropout_rng, train: bool):
+  """The U-Net's forward pass; jitted, so eager calls (a notebook) run compiled.
+
+  Inside other jitted code it is inlined. Models are hashable, so equal models
+  share the compiled function.
+  """
+  rngs = {'dropout': dropout_rng} if dropout_rng is not None else None
+  return model.apply({'params': params}, x, t, y, train=train, rngs=rngs)
 
 
 def make_model_fn(model: UNet, params, *, train: bool = False, dropout_rng=None):
   """model_fn(x, t, y=None) -> [B, H, W, out_channels], a closure over params.
 
   This is the network as the diffusion math and the samplers see it. With
-  train=True (dropout on) a `dropout_rng` is required. Not jitted: it is meant
-  to be called inside jitted code.
+  train=True (dropout and label dropout on) a `dropout_rng` is required.
   """
   if train and dropout_rng is None:
     raise ValueError('make_model_fn(train=True) needs a dropout_rng')
-  rngs = {'dropout': dropout_rng} if dropout_rng is not None else None
 
   def model_fn(x, t, y=None):
-    return model.apply({'params': params}, x, t, y, train=train, rngs=rngs)
+    return _apply(model, params, x, t, y, dropout_rng, train=train)
 
   return model_fn

@@ -64,19 +64,13 @@ def avg_pool_2x2(x):
   return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
-class GroupNorm(nn.Module):
-  """GroupNorm (Wu & He 2018) with the two-pass variance, as in PyTorch/TF.
+def group_norm(num_groups: int, epsilon: float, dtype: Dtype, name: str) -> nn.GroupNorm:
+  """GroupNorm (Wu & He 2018) with the two-pass variance E[(x - mean)^2], as PyTorch and TF.
 
   Statistics are reduced in float32 whatever the compute dtype.
   """
-  num_groups: int
-  epsilon: float
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    return nn.GroupNorm(num_groups=self.num_groups, epsilon=self.epsilon, dtype=self.dtype,
-                        param_dtype=jnp.float32, use_fast_variance=False)(x)
+  return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32,
+                      use_fast_variance=False, name=name)
 
 
 def _conv(features, name, *, kernel=3, strides=1, padding='SAME', init_scale=1.0, dtype=jnp.float32):
@@ -144,14 +138,14 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, temb, train: bool = False):
-    h = nn.swish(GroupNorm(self.norm_groups, self.norm_eps, self.dtype, name='norm1')(x))
+    h = nn.swish(group_norm(self.norm_groups, self.norm_eps, self.dtype, name='norm1')(x))
     if self.resample == 'up':
       h, x = upsample_nearest(h), upsample_nearest(x)
     elif self.resample == 'down':
       h, x = avg_pool_2x2(h), avg_pool_2x2(x)
     h = _conv(self.out_ch, 'conv1', dtype=self.dtype)(h)
     h = h + _dense(self.out_ch, 'temb_proj', dtype=self.dtype)(nn.swish(temb))[:, None, None, :]
-    h = nn.swish(GroupNorm(self.norm_groups, self.norm_eps, self.dtype, name='norm2')(h))
+    h = nn.swish(group_norm(self.norm_groups, self.norm_eps, self.dtype, name='norm2')(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = _conv(self.out_ch, 'conv2', init_scale=0.0, dtype=self.dtype)(h)
     if x.shape[-1] != self.out_ch:
@@ -184,7 +178,7 @@ class AttnBlock(nn.Module):
     if c % heads:
       raise ValueError(f'attention: {c} channels do not split into {heads} heads')
     d = c // heads
-    n = GroupNorm(self.norm_groups, self.norm_eps, self.dtype, name='norm')(x)
+    n = group_norm(self.norm_groups, self.norm_eps, self.dtype, name='norm')(x)
     n = n.reshape(b, hgt * wid, c)
     q, k, v = (_dense(c, name, dtype=self.dtype)(n).reshape(b, hgt * wid, heads, d)
                for name in ('q', 'k', 'v'))

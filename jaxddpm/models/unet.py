@@ -126,7 +126,7 @@ class UNet(nn.Module):
       if y is None:
         y = jnp.full(x.shape[:1], cfg.num_classes, jnp.int32)
       if train and cfg.class_dropout > 0:
-        drop = nn.make_rng('dropout')
+        drop = self.make_rng('dropout')
         y = jnp.where(jax.random.bernoulli(drop, cfg.class_dropout, y.shape), cfg.num_classes, y)
       temb = temb + nn.Embed(cfg.num_classes + 1, 4 * cfg.ch, dtype=dtype, param_dtype=jnp.float32,
                              name='class_embed')(y)
@@ -169,7 +169,7 @@ class UNet(nn.Module):
           h = layers.Upsample(cfg.resamp_with_conv, dtype, name=f'up_{level}_upsample')(h)
     assert not hs, 'every skip connection is used once'
 
-    h = nn.swish(layers.GroupNorm(cfg.norm_groups, cfg.norm_eps, dtype, name='norm_out')(h))
+    h = nn.swish(layers.group_norm(cfg.norm_groups, cfg.norm_eps, dtype, 'norm_out')(h))
     h = nn.Conv(cfg.out_channels, (3, 3), padding='SAME', kernel_init=layers.ddpm_init(0.0), dtype=dtype,
                 param_dtype=jnp.float32, name='conv_out')(h)
     return h.astype(jnp.float32)
