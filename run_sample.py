@@ -3,12 +3,16 @@ r"""Samples from a trained run: `python run_sample.py --workdir=runs/digits`.
 This file is intentionally kept short: it parses flags and calls
 `jaxddpm.sample.sample_run`, where the logic lives. Flags left unset take the
 run's config.sampling values. Writes samples.npz (uint8 images [N, H, W, C],
-labels, PSNR) and grid.png to --output_dir (default workdir/samples/...).
+labels, PSNR) and grid.png to --output_dir (default workdir/samples/...);
+with --metrics also metrics.json there, and prints the metrics as one JSON line.
 
   python run_sample.py --workdir=runs/digits --sampler=ddim --steps=50
   python run_sample.py --workdir=runs/cifar --inpaint_image=img.png --inpaint_mask=mask.png
+  python run_sample.py --workdir=runs/digits --num_samples=1000 --metrics=fid,is,kid,bpd
 """
 
+import json
+import os
 import sys
 
 from absl import app
@@ -33,6 +37,17 @@ _INPAINT_RESAMPLE = flags.DEFINE_integer(
 _INPAINT_JUMP = flags.DEFINE_integer('inpaint_jump_length', 10, 'RePaint jump length.')
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Where to write the samples.')
 _SAVE_INDIVIDUAL = flags.DEFINE_bool('save_individual', False, 'Also write one PNG per sample.')
+# --- evaluation (jaxddpm.evaluation) ---
+_METRICS = flags.DEFINE_string(
+    'metrics', '', 'Comma-separated metrics of the samples / held-out data: fid,is,kid,bpd '
+    '(digits runs: the offline digits classifier unless --inception_weights is given).')
+_INCEPTION_WEIGHTS = flags.DEFINE_string(
+    'inception_weights', None, 'pt_inception-2015-12-05-6726825d.pth (or its .npz) for '
+    'FID/IS/KID (default: the run config.eval.inception_weights).')
+_BPD_NUM_EXAMPLES = flags.DEFINE_integer(
+    'bpd_num_examples', None, 'Held-out images for bpd (default config.eval.bpd_num_examples; '
+    '0: the whole eval split).')
+# --- end evaluation ---
 _DISTRIBUTED = flags.DEFINE_bool('distributed', None,
                                  'Call jax.distributed.initialize() (multi-host).')
 flags.mark_flags_as_required(['workdir'])
@@ -42,8 +57,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   parallel.maybe_initialize_distributed(_DISTRIBUTED.value)
+  from jaxddpm import evaluation  # pylint: disable=g-import-not-at-top
   from jaxddpm import sample  # pylint: disable=g-import-not-at-top
   try:
+    extractor = evaluation.prepare_run_metrics(  # fails fast, before sampling
+        _WORKDIR.value, _METRICS.value, inception_weights=_INCEPTION_WEIGHTS.value)
     result = sample.sample_run(
         _WORKDIR.value, sampler=_SAMPLER.value, steps=_STEPS.value, eta=_ETA.value,
         num_samples=_NUM_SAMPLES.value, batch_size=_BATCH_SIZE.value, seed=_SEED.value,
@@ -51,13 +69,21 @@ def main(argv):
         inpaint_image=_INPAINT_IMAGE.value, inpaint_mask=_INPAINT_MASK.value,
         inpaint_resample=_INPAINT_RESAMPLE.value, inpaint_jump_length=_INPAINT_JUMP.value,
         output_dir=_OUTPUT_DIR.value, save_individual=_SAVE_INDIVIDUAL.value)
-  except sample.SampleError as e:
+    metrics = None
+    if _METRICS.value:
+      metrics = evaluation.evaluate_run(
+          _WORKDIR.value, result['images'], metrics=_METRICS.value, extractor=extractor,
+          bpd_num_examples=_BPD_NUM_EXAMPLES.value)
+  except (sample.SampleError, evaluation.EvaluationError) as e:
     print(f'run_sample.py: error: {e}', file=sys.stderr)
     sys.exit(1)
   if parallel.is_main_process():
     print(f'Wrote {len(result["images"])} samples to {result["output_dir"]}')
     if result['psnr'] is not None:
       print(f'Inpainting PSNR of the filled region: {result["psnr"].mean():.2f} dB')
+    if metrics is not None:
+      evaluation.write_json(os.path.join(result['output_dir'], 'metrics.json'), metrics)
+      print(json.dumps(evaluation.scalars(metrics), sort_keys=True))
 
 
 if __name__ == '__main__':

@@ -35,12 +35,14 @@ import numpy as np
 from scipy import linalg
 
 from jaxddpm import diffusion
+from jaxddpm import schedules
 from jaxddpm.digits_classifier import DigitsExtractor
 from jaxddpm.models import inception
 
 __all__ = [
     'frechet_distance', 'inception_score', 'kid', 'FeatureStats', 'feature_stats',
-    'FeatureExtractor', 'InceptionExtractor', 'DigitsExtractor', 'InceptionWeightsError',
+    'FeatureExtractor', 'InceptionExtractor', 'DigitsExtractor', 'EvaluationError',
+    'InceptionWeightsError',
     'extractor_from_config', 'reference_stats', 'compute_metrics', 'bits_per_dim',
 ]
 
@@ -199,7 +201,11 @@ class FeatureExtractor(Protocol):
     ...
 
 
-class InceptionWeightsError(FileNotFoundError):
+class EvaluationError(ValueError):
+  """Metrics that cannot be computed as asked (the message says why)."""
+
+
+class InceptionWeightsError(EvaluationError):
   """Inception metrics were asked for without the weight file."""
 
 
@@ -474,11 +480,6 @@ def scalars(metrics):
   return {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
 
 
-def write_json(path, metrics):
-  """Writes the scalar metrics as one JSON object."""
-  with open(path, 'w') as f:
-    json.dump(scalars(metrics), f, indent=2, sort_keys=True)
-    f.write('\n')
 
 
 # ---------------------------------------------------------------------------
@@ -590,3 +591,83 @@ def training_metrics(config, model, schedule, params, mesh, *, step, workdir=Non
     samples = generate_samples(config, model_fn, schedule, num_samples, sample_key, mesh=mesh)
     out.update(scalars(compute_metrics(samples, ref, extractor=extractor)))
   return out
+
+
+RUN_METRICS = METRICS + ('bpd',)
+
+
+def parse_metrics(names):
+  """'fid,is,kid,bpd' (or a sequence) -> tuple of names; unknown names raise EvaluationError."""
+  if isinstance(names, str):
+    names = [n.strip() for n in names.split(',')]
+  names = tuple(n for n in names if n)
+  unknown = [n for n in names if n not in RUN_METRICS]
+  if unknown:
+    raise EvaluationError(f'unknown metrics {unknown}; choose from {",".join(RUN_METRICS)}')
+  return names
+
+
+def prepare_run_metrics(workdir, metrics, *, inception_weights=None, mesh=None):
+  """Checks `metrics` for the run in `workdir` before any sampling; returns the extractor
+  (None when only bpd is asked for). Raises EvaluationError / InceptionWeightsError."""
+  from jaxddpm import runs  # pylint: disable=g-import-not-at-top
+  metrics = parse_metrics(metrics)
+  if not set(metrics) & set(METRICS):
+    return None
+  try:
+    config = runs.read_config(workdir)
+  except FileNotFoundError as e:
+    raise EvaluationError(str(e)) from e
+  return run_extractor(config, workdir=workdir, inception_weights=inception_weights, mesh=mesh)
+
+
+def evaluate_run(workdir, images, *, metrics, extractor=None, bpd_num_examples=None,
+                 mesh=None, seed=0):
+  """Metrics of a trained run: sample quality of `images` and held-out bits/dim.
+
+  Args:
+    workdir: the run directory (config.json + checkpoints; reference statistics
+      and the digits classifier are cached in workdir/eval).
+    images: samples [N, H, W, C] uint8 (or float in [-1, 1]); unused for bpd only.
+    metrics: names from RUN_METRICS ('fid', 'is', 'kid', 'bpd').
+    extractor: from `prepare_run_metrics` (needed for fid / is / kid).
+    bpd_num_examples: held-out images for bpd (default config.eval.bpd_num_examples;
+      0: the whole eval split).
+    mesh: device mesh for bits/dim and Inception (default: all devices).
+    seed: PRNG seed of the bits/dim x_t draws and the KID subsets.
+
+  Returns:
+    {name: float} plus, for bpd, per-timestep [T] arrays (vb_per_t, mse_per_t,
+    xstart_mse_per_t).
+  """
+  from jaxddpm import models  # pylint: disable=g-import-not-at-top
+  from jaxddpm import parallel  # pylint: disable=g-import-not-at-top
+  from jaxddpm import runs  # pylint: disable=g-import-not-at-top
+  metrics = parse_metrics(metrics)
+  config = runs.read_config(workdir)
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  out = {}
+  sample_metrics = tuple(m for m in metrics if m in METRICS)
+  if sample_metrics:
+    if extractor is None:
+      raise EvaluationError(f'{sample_metrics} need a feature extractor (prepare_run_metrics)')
+    ref = dataset_reference_stats(config, extractor, cache_dir=eval_dir(workdir))
+    out.update(compute_metrics(images, ref, extractor=extractor, metrics=sample_metrics,
+                               seed=seed))
+  if 'bpd' in metrics:
+    config, params, _ = runs.load_run(workdir, ema=True)
+    params = jax.device_put(params, NamedSharding(mesh, P()))
+    model_fn = _model_fn(models.create_model(config), params)
+    n = int(config.eval.bpd_num_examples) if bpd_num_examples is None else bpd_num_examples
+    schedule = schedules.schedule_from_config(config.diffusion)
+    out.update(held_out_bits_per_dim(config, model_fn, schedule, jax.random.key(seed),
+                                     num_examples=n or None, mesh=mesh))
+  return out
+
+
+def write_json(path, metrics):
+  """Writes the metrics as one JSON object (per-timestep arrays as lists)."""
+  with open(path, 'w') as f:
+    json.dump({k: (np.asarray(v).tolist() if np.ndim(v) else float(v))
+               for k, v in metrics.items()}, f, indent=2, sort_keys=True)
+    f.write('\n')

@@ -2,8 +2,12 @@
 parity with the PyTorch reference network, the digits classifier, bits/dim."""
 
 import dataclasses
+import json
 import os
 import shutil
+import subprocess
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -317,28 +321,80 @@ def test_bits_per_dim_sharded_equals_direct(with_labels):
     np.testing.assert_allclose(unsharded['vb_per_t'], got['vb_per_t'], rtol=1e-5)
 
 
-# --- During training -----------------------------------------------------------------------
+# --- Runs: run_sample.py --metrics ---------------------------------------------------------
 
 
-def test_training_eval_hook(tmp_path, digits_cnn_cache):
-  """train.evaluate (called every eval_every steps) gives held-out bits/dim and the digits
-  metrics of samples, caching the classifier and reference statistics in workdir/eval."""
+def _tiny_run(workdir, digits_cnn_cache):
+  """A run directory (config.json + untrained params) of the tiny digits config."""
   from configs import tiny  # pylint: disable=g-import-not-at-top
+  from jaxddpm import checkpoint  # pylint: disable=g-import-not-at-top
+  from jaxddpm import models  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.eval.bpd_num_examples = 6
+  os.makedirs(workdir / 'eval')
+  with open(workdir / 'config.json', 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  # Small random parameters of the right shapes (cheaper than compiling the initialiser).
+  abstract = jax.eval_shape(models.init_params, models.create_model(config), jax.random.key(0),
+                            8, 1)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda a: np.float32(0.05 * rng.standard_normal(a.shape)), abstract)
+  checkpoint.save_params(str(workdir), params)
+  shutil.copy(digits_cnn_cache, workdir / 'eval' / 'digits_classifier_8px.npz')
+  return config
+
+
+def test_training_hook_and_run_metrics(tmp_path, digits_cnn_cache):
+  """train.evaluate (every eval_every steps) and evaluation.evaluate_run (run_sample.py
+  --metrics) give held-out bits/dim with its per-timestep terms and the digits metrics,
+  caching the classifier and reference statistics in workdir/eval."""
+  from jaxddpm import checkpoint  # pylint: disable=g-import-not-at-top
   from jaxddpm import models  # pylint: disable=g-import-not-at-top
   from jaxddpm import train  # pylint: disable=g-import-not-at-top
-  config = tiny.get_config()
+  config = _tiny_run(tmp_path, digits_cnn_cache)
   config.eval.num_samples = 20
-  config.eval.bpd_num_examples = 6
   config.sampling.num_steps = 4
   config.sampling.batch_size = 8
-  os.makedirs(tmp_path / 'eval')
-  shutil.copy(digits_cnn_cache, tmp_path / 'eval' / 'digits_classifier_8px.npz')
   model = models.create_model(config)
-  state = train.create_train_state(config, model, jax.random.PRNGKey(0))
+  mesh = parallel.make_mesh()
+  params = checkpoint.load_params(str(tmp_path))  # replicated as in training
+  state = types.SimpleNamespace(step=jnp.int32(0),
+                                ema_params=jax.device_put(params, parallel.replicated(mesh)))
   schedule = schedules.schedule_from_config(config.diffusion)
-  r = train.evaluate(config, model, schedule, state, parallel.make_mesh(), str(tmp_path))
+  r = train.evaluate(config, model, schedule, state, mesh, str(tmp_path))
   np.testing.assert_allclose(r['bpd'], r['prior_bpd'] + r['decoder_bpd'] + r['terms_bpd'],
                              rtol=1e-5)
   assert 1 < r['bpd'] < 30  # an untrained network: far from the data, finite
   assert r['digits_fid'] > 0 and 1 <= r['digits_is'] <= 10 and 'digits_kid' in r
   assert any(n.startswith('ref_stats_digits_train_8px') for n in os.listdir(tmp_path / 'eval'))
+
+  extractor = evaluation.prepare_run_metrics(tmp_path, 'fid,is,kid,bpd')
+  assert extractor.name == 'digits_cnn'
+  images = np.random.default_rng(0).integers(0, 256, (20, 8, 8, 1), dtype=np.uint8)
+  r = evaluation.evaluate_run(tmp_path, images, metrics='fid,is,kid,bpd', extractor=extractor)
+  assert {'digits_fid', 'digits_is', 'digits_kid', 'bpd', 'prior_bpd'} <= set(r)
+  assert r['num_examples'] == 6
+  assert r['vb_per_t'].shape == (config.diffusion.num_timesteps,)
+  np.testing.assert_allclose(r['bpd'], r['prior_bpd'] + r['vb_per_t'].sum(), rtol=1e-5)
+  evaluation.write_json(tmp_path / 'metrics.json', r)
+  with open(tmp_path / 'metrics.json') as f:
+    saved = json.load(f)
+  assert saved['digits_fid'] == r['digits_fid'] and len(saved['vb_per_t']) == 100
+
+  with pytest.raises(evaluation.EvaluationError, match='unknown metrics'):
+    evaluation.prepare_run_metrics(tmp_path, 'fid,nll')
+  with pytest.raises(evaluation.InceptionWeightsError, match='pt_inception'):
+    evaluation.prepare_run_metrics(tmp_path, 'fid', inception_weights=str(tmp_path / 'no.pth'))
+
+
+def test_run_sample_without_inception_weights_fails_before_sampling(tmp_path):
+  from configs import cifar as cifar_config  # pylint: disable=g-import-not-at-top
+  config = cifar_config.get_config()
+  with open(tmp_path / 'config.json', 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, os.path.join(root, 'run_sample.py'), f'--workdir={tmp_path}',
+       '--metrics=fid,kid'], capture_output=True, text=True, timeout=300, cwd=root)
+  assert proc.returncode == 1, proc.stderr
+  assert inception.FID_WEIGHTS_URL in proc.stderr and '--inception_weights' in proc.stderr
