@@ -101,6 +101,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         create=True,
+        # Removes what a killed run left of an unfinished save.
+        cleanup_tmp_directories=True,
         enable_async_checkpointing=async_save,
     )
     # Naming the items' handlers lets Orbax read their metadata, so a single
@@ -155,14 +157,19 @@ class Checkpointer:
     metadata = self._manager.item_metadata(int(step))
     return sorted(name for name, value in metadata.items() if value is not None)
 
+  def _item_metadata(self, step: int, name: str) -> PyTree:
+    metadata = self._manager.item_metadata(int(step))[name]
+    # Newer Orbax wraps the tree of array metadata in a TreeMetadata.
+    return getattr(metadata, 'tree', metadata)
+
   def item_shapes(self, step: int, name: str) -> PyTree:
     """The saved item `name` of checkpoint `step` as a tree of `jax.ShapeDtypeStruct`s (no data read)."""
-    metadata = self._manager.item_metadata(int(step))[name]
-    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata)
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                        self._item_metadata(step, name))
 
   def restore_item(self, step: int, name: str) -> PyTree:
     """Restores one item as saved (nested dicts of arrays on the default device)."""
-    metadata = self._manager.item_metadata(int(step))[name]
+    metadata = self._item_metadata(step, name)
     device = jax.local_devices()[0]
     sharding = jax.sharding.SingleDeviceSharding(device)
     abstract = jax.tree.map(

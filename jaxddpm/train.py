@@ -579,13 +579,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   workdir = os.path.abspath(workdir)
   check_config(config)
-  check_workdir(config, workdir)
-  main = parallel.is_main_process()
   try:
     pipeline = data_lib.create_train_pipeline(
         config, process_index=jax.process_index(), process_count=jax.process_count())
   except data_lib.DatasetError as e:
     raise TrainError(str(e)) from e
+  check_workdir(config, workdir)
+  main = parallel.is_main_process()
 
   mesh = parallel.make_mesh()
   replicated = parallel.replicated(mesh)

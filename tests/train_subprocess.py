@@ -1,0 +1,85 @@
+"""Runs `train.train_and_evaluate` on the tiny config in a fresh process (used by test_train.py).
+
+  python tests/train_subprocess.py WORKDIR '{"training.num_train_steps": 8, ...}'
+
+Environment:
+  NUM_DEVICES: fake CPU devices of this process (default 4).
+  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID: multi-process run.
+  SIGNAL_AT_LOG=S:SIG: send signal SIG to this process when the metrics of step S are written.
+  NAN_AT_BATCH=S: the batch of step S (0-based) is all NaN.
+  MOCK_TFDS=N: run under tfds.testing.mock_data(num_examples=N).
+
+Prints 'SUMMARY <json>' at the end; a TrainError prints its message to stderr and exits 1,
+as run_train.py does.
+"""
+
+import contextlib
+import json
+import os
+import sys
+
+import jax
+
+jax.config.update('jax_num_cpu_devices', int(os.environ.get('NUM_DEVICES', '4')))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import tiny  # noqa: E402  pylint: disable=g-import-not-at-top
+from jaxddpm import data  # noqa: E402  pylint: disable=g-import-not-at-top
+from jaxddpm import parallel  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def _install_faults(train):
+  env = os.environ
+  if 'SIGNAL_AT_LOG' in env:
+    step, signum = (int(v) for v in env['SIGNAL_AT_LOG'].split(':'))
+    write = train._MetricWriter.write  # pylint: disable=protected-access
+
+    def write_then_signal(self, at_step, metrics):
+      write(self, at_step, metrics)
+      if at_step == step:
+        os.kill(os.getpid(), signum)
+
+    train._MetricWriter.write = write_then_signal  # pylint: disable=protected-access
+  if 'NAN_AT_BATCH' in env:
+    nan_step = int(env['NAN_AT_BATCH'])
+    batch = data.Pipeline.batch
+
+    def nan_batch(self, step):
+      out = batch(self, step)
+      if step == nan_step:
+        out['image'] = out['image'] * float('nan')
+      return out
+
+    data.Pipeline.batch = nan_batch
+
+
+def main():
+  workdir, overrides = sys.argv[1], json.loads(sys.argv[2])
+  parallel.maybe_initialize_distributed()
+  from jaxddpm import train  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  for key, value in overrides.items():
+    node = config
+    *path, leaf = key.split('.')
+    for part in path:
+      node = node[part]
+    node[leaf] = tuple(value) if isinstance(value, list) else value
+  _install_faults(train)
+  mock = contextlib.nullcontext()
+  if 'MOCK_TFDS' in os.environ:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    mock = tfds.testing.mock_data(num_examples=int(os.environ['MOCK_TFDS']),
+                                  data_dir=config.data.data_dir)
+  try:
+    with mock:
+      summary = train.train_and_evaluate(config, workdir)
+  except train.TrainError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  print('SUMMARY ' + json.dumps(summary))
+  if summary['stopped_by'] is not None:
+    sys.exit(128 + summary['stopped_by'])
+
+
+if __name__ == '__main__':
+  main()
