@@ -22,8 +22,9 @@ piece with one compilation:
 
   sampler = make_sampler(schedule, sampler='ddim', num_steps=50)
   state = sampler.init(key, (16, 32, 32, 3))
+  run = jax.jit(run_chunk)  # model_fn a `Partial`, or pass static_argnums=1
   for start in sampler.chunk_starts:
-    state, _ = run_chunk(sampler, model_fn, state, start)
+    state, _ = run(sampler, model_fn, state, start)
   images = state.x
 
 or all at once with `sample`. Only the current x is carried (memory is flat in
