@@ -25,7 +25,7 @@ import functools
 import json
 import os
 import warnings
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +43,8 @@ __all__ = [
     'frechet_distance', 'inception_score', 'kid', 'FeatureStats', 'feature_stats',
     'FeatureExtractor', 'InceptionExtractor', 'DigitsExtractor', 'EvaluationError',
     'InceptionWeightsError',
-    'extractor_from_config', 'reference_stats', 'compute_metrics', 'bits_per_dim',
+    'extractor_from_config', 'reference_stats', 'dataset_reference_stats', 'compute_metrics',
+    'bits_per_dim', 'training_metrics', 'prepare_run_metrics', 'evaluate_run',
 ]
 
 # ---------------------------------------------------------------------------
@@ -215,7 +216,8 @@ def _missing_weights_message(path):
           f'download {inception.FID_WEIGHTS_URL} and pass its path with '
           '--inception_weights=PATH (or config.eval.inception_weights). '
           'torch reads the .pth once and it is cached as .npz beside it. '
-          'For digits runs the offline metrics need no download (digits_fid, digits_is, digits_kid).')
+          'Digits runs need no download: without weights they use the digits classifier '
+          '(digits_fid, digits_is, digits_kid).')
 
 
 @jax.jit
@@ -278,18 +280,6 @@ class InceptionExtractor:
       feats.append(_fetch(f)[:len(chunk)])
       logits.append(_fetch(l)[:len(chunk)])
     return np.concatenate(feats), np.concatenate(logits)
-
-
-def extractor_from_config(config, *, inception_weights=None, mesh=None):
-  """The feature extractor for a run: the digits CNN for digits, else Inception.
-
-  inception_weights: path overriding config.eval.inception_weights; for
-  non-digits data sets a missing file raises InceptionWeightsError.
-  """
-  if config.data.dataset == 'digits' and not inception_weights:
-    return DigitsExtractor.load_or_train(image_size=int(config.data.image_size))
-  path = inception_weights or config.eval.get('inception_weights', '')
-  return InceptionExtractor.from_weights(path, mesh=mesh)
 
 
 def _iter_images(images):
@@ -358,6 +348,7 @@ def compute_metrics(samples, reference, *, extractor, metrics=METRICS, is_splits
   reference: FeatureStats (e.g. from `reference_stats`) or reference images.
   Returns {prefix + name: value}: 'fid', 'is' and 'is_std', 'kid' and
   'kid_std' (prefix '' for Inception, 'digits_' for the digits classifier).
+  IS uses `is_splits` parts, fewer when a part would hold under 50 samples.
   """
   unknown = set(metrics) - set(METRICS)
   if unknown:
@@ -374,8 +365,9 @@ def compute_metrics(samples, reference, *, extractor, metrics=METRICS, is_splits
     stats = feature_stats(feats)
     out[pre + 'fid'] = frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma)
   if 'is' in metrics:
-    out[pre + 'is'], out[pre + 'is_std'] = inception_score(
-        logits, splits=min(is_splits, len(logits)))
+    # Fewer splits when parts would hold under 50 samples (IS of tiny parts is biased to 1).
+    splits = max(1, min(is_splits, len(logits) // 50))
+    out[pre + 'is'], out[pre + 'is_std'] = inception_score(logits, splits=splits)
   if 'kid' in metrics:
     out[pre + 'kid'], out[pre + 'kid_std'] = kid(
         feats, reference.features, num_subsets=kid_subsets, subset_size=kid_subset_size,
@@ -477,7 +469,8 @@ def _fetch(x):
 
 def scalars(metrics):
   """The float entries of a metrics dict (drops per-timestep arrays), e.g. for logging."""
-  return {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+  return {k: v if isinstance(v, int) else float(v) for k, v in metrics.items()
+          if np.ndim(v) == 0}
 
 
 
@@ -491,7 +484,8 @@ def eval_dir(workdir):
   return os.path.join(workdir, 'eval')
 
 
-def run_extractor(config, *, workdir=None, inception_weights=None, mesh=None, required=True):
+def extractor_from_config(config, *, workdir=None, inception_weights=None, mesh=None,
+                          required=True):
   """The extractor for a run's sample metrics, with its files cached in workdir/eval.
 
   Digits runs use the digits classifier unless Inception weights are given.
@@ -584,7 +578,7 @@ def training_metrics(config, model, schedule, params, mesh, *, step, workdir=Non
                                 num_examples=int(config.eval.bpd_num_examples), mesh=mesh)
     out.update({k: bpd[k] for k in _BPD_LOG_KEYS})
   num_samples = int(config.eval.num_samples)
-  extractor = run_extractor(config, workdir=workdir, mesh=mesh, required=False)
+  extractor = extractor_from_config(config, workdir=workdir, mesh=mesh, required=False)
   if num_samples > 1 and extractor is not None:
     ref = dataset_reference_stats(config, extractor,
                                   cache_dir=eval_dir(workdir) if workdir else None)
@@ -618,7 +612,8 @@ def prepare_run_metrics(workdir, metrics, *, inception_weights=None, mesh=None):
     config = runs.read_config(workdir)
   except FileNotFoundError as e:
     raise EvaluationError(str(e)) from e
-  return run_extractor(config, workdir=workdir, inception_weights=inception_weights, mesh=mesh)
+  return extractor_from_config(config, workdir=workdir, inception_weights=inception_weights,
+                               mesh=mesh)
 
 
 def evaluate_run(workdir, images, *, metrics, extractor=None, bpd_num_examples=None,
@@ -668,6 +663,6 @@ def evaluate_run(workdir, images, *, metrics, extractor=None, bpd_num_examples=N
 def write_json(path, metrics):
   """Writes the metrics as one JSON object (per-timestep arrays as lists)."""
   with open(path, 'w') as f:
-    json.dump({k: (np.asarray(v).tolist() if np.ndim(v) else float(v))
+    json.dump({k: (np.asarray(v).tolist() if np.ndim(v) else v if isinstance(v, int) else float(v))
                for k, v in metrics.items()}, f, indent=2, sort_keys=True)
     f.write('\n')
