@@ -23,16 +23,12 @@ def _abstract_params(model, image_size, channels):
   return jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), image_size, channels))
 
 
-def _perturbed(params, scale=0.05, seed=1):
-  """Params with noise added, so the near-zero initial layers do not hide anything."""
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(
-      treedef, [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-
-
-def _random_params(model, image_size=8, channels=1, seed=0):
-  """Random O(1)-activation params from NumPy: no compiled init (XLA compiles threefry slowly on CPU)."""
+def _random_params(module, *inputs, seed=0):
+  """Random params with O(1) activations, drawn in NumPy for `module` on `inputs`
+  (default: an 8x8 grey image and a timestep): no compiled initialiser, which XLA
+  builds slowly on CPU."""
+  if not inputs:
+    inputs = (jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))
   rng = np.random.default_rng(seed)
 
   def draw(path, spec):
@@ -42,7 +38,8 @@ def _random_params(model, image_size=8, channels=1, seed=0):
       w = (1.0 if path[-1].key == 'scale' else 0.0) + 0.1 * rng.standard_normal(spec.shape)
     return w.astype(np.float32)
 
-  return jax.tree.map_with_path(draw, _abstract_params(model, image_size, channels))
+  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs)['params'])
+  return jax.tree.map_with_path(draw, abstract)
 
 
 def _tiny(**overrides):
@@ -93,8 +90,8 @@ def test_timestep_embedding_matches_numpy(dim, flip, shift):
 def test_attention_matches_numpy(num_heads):
   block = layers.AttnBlock(num_heads=num_heads, norm_groups=4)
   x = jax.random.normal(jax.random.key(0), (2, 3, 4, 8))
-  p = _perturbed(block.init(jax.random.key(1), x)['params'], scale=0.3)
-  got = np.asarray(block.apply({'params': p}, x))
+  p = _random_params(block, x)
+  got = np.asarray(jax.jit(block.apply)({'params': p}, x))
 
   xs = np.asarray(x, np.float64)
   pn = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
@@ -167,10 +164,13 @@ def _grads(model, params):
 
 
 def test_remat_gives_the_same_gradients():
-  remat = models.create_model(_tiny(dropout=0.1, remat=True))
-  params = _base_params()
+  # One level (ResBlocks, attention, middle) keeps the two gradient compiles short.
+  overrides = dict(dropout=0.1, ch_mult=(1,), attn_resolutions=(8,))
+  plain = models.create_model(_tiny(**overrides))
+  remat = models.create_model(_tiny(remat=True, **overrides))
+  params = _random_params(plain)
   chex.assert_trees_all_equal_shapes(params, _abstract_params(remat, 8, 1))
-  g_plain, g_remat = _grads(BASE, params), _grads(remat, params)
+  g_plain, g_remat = _grads(plain, params), _grads(remat, params)
   scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g_plain))
   # Same math and the same dropout masks; only XLA's float32 operation order may differ.
   chex.assert_trees_all_close(g_remat, g_plain, rtol=1e-5, atol=1e-6 * scale)
@@ -208,7 +208,7 @@ def test_biggan_resample_blocks_start_as_pool_and_upsample():
   temb = jax.random.normal(jax.random.key(1), (2, 16))
   for resample, reference in [('down', layers.avg_pool_2x2), ('up', layers.upsample_nearest)]:
     block = layers.ResBlock(8, norm_groups=4, resample=resample)
-    out, _ = block.init_with_output(jax.random.key(2), x, temb)
+    out, _ = jax.jit(block.init_with_output)(jax.random.key(2, impl='rbg'), x, temb)
     chex.assert_trees_all_close(out, reference(x), atol=1e-4)
   np.testing.assert_allclose(layers.avg_pool_2x2(x)[:, 0, 0], x[:, :2, :2].mean(axis=(1, 2)), rtol=1e-6)
   np.testing.assert_array_equal(layers.upsample_nearest(x)[:, 3, 2], x[:, 1, 1])
