@@ -407,6 +407,7 @@ def convert_to_workdir(src: str, workdir: str, base_config: ml_collections.Confi
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConversionError(f'workdir {workdir!r} exists and is not a directory')
   config, params = convert_diffusers(src, base_config)
+  # Imported here: Orbax is only needed to write, not to convert in memory.
   from jaxddpm import checkpoint  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -415,25 +416,24 @@ def convert_to_workdir(src: str, workdir: str, base_config: ml_collections.Confi
   return config, params
 
 
-_FROM_DIFFUSERS = flags.DEFINE_string(
-    'from_diffusers', None, 'diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.*).')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'New run directory to write.')
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not _FROM_DIFFUSERS.value or not _WORKDIR.value:
+  src, workdir = flags.FLAGS.from_diffusers, flags.FLAGS.workdir
+  if not src or not workdir:
     raise app.UsageError('both --from_diffusers and --workdir are required')
   try:
-    config, params = convert_to_workdir(_FROM_DIFFUSERS.value, _WORKDIR.value)
+    config, params = convert_to_workdir(src, workdir)
   except ConversionError as e:
     sys.exit(f'convert: error: {e}')
   count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-  logging.info('Converted %s (%d params, %s, %dx%d) into %s', _FROM_DIFFUSERS.value, count,
-               config.diffusion.model_var_type, config.data.image_size, config.data.image_size,
-               _WORKDIR.value)
+  logging.info('Converted %s (%d params, %s, %dx%d) into %s', src, count, config.diffusion.model_var_type,
+               config.data.image_size, config.data.image_size, workdir)
 
 
 if __name__ == '__main__':
+  # Defined here, not at import, so importing this module next to other CLIs adds no flags.
+  flags.DEFINE_string('from_diffusers', None,
+                      'diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.*).')
+  flags.DEFINE_string('workdir', None, 'New run directory to write.')
   app.run(main)
