@@ -32,10 +32,16 @@ def get_config():
   model.num_classes = 0  # 0: unconditional
   model.class_dropout = 0.0  # label dropout to the null class (classifier-free guidance)
   model.num_heads = 1
+  model.num_head_channels = 0  # > 0: heads = width // num_head_channels (overrides num_heads)
   model.resblock_updown = False  # BigGAN-style up/down ResBlocks
   model.resamp_with_conv = True
   model.norm_groups = 32
   model.norm_eps = 1e-6
+  # Timestep embedding and downsampling variants. The defaults are the DDPM
+  # reference code's; converted diffusers models set theirs.
+  model.flip_sin_to_cos = False  # [sin, cos] order
+  model.freq_shift = 1.0  # frequencies exp(-log(10000) i / (half - freq_shift))
+  model.downsample_padding = 'same'  # 'same' (TF, DDPM) | 'symmetric' (pad 1 each side)
   model.dtype = 'float32'  # compute dtype; params stay float32
   model.remat = False
 
@@ -48,6 +54,8 @@ def get_config():
   diffusion.model_var_type = 'fixedlarge'  # fixedlarge | fixedsmall | learned | learned_range
   diffusion.loss_type = 'mse'  # mse | kl | hybrid
   diffusion.timestep_sampler = 'uniform'  # uniform | loss_aware
+  diffusion.cosine_s = 0.008  # cosine schedule offset (improved DDPM eq. 17)
+  diffusion.max_beta = 0.999  # cosine schedule clipping (improved DDPM sec. 3.2)
 
   config.optim = optim = ml_collections.ConfigDict()
   optim.lr = 2e-4

@@ -13,6 +13,7 @@ from jaxddpm import schedules
 
 SAMPLERS = ('ddpm', 'ddim')
 TIMESTEP_SAMPLERS = ('uniform', 'loss_aware')
+DOWNSAMPLE_PADDINGS = ('same', 'symmetric')
 CHANNELS = (1, 3, 4)
 DTYPES = ('float32', 'bfloat16', 'float16')
 # Schedules that ramp from beta_start up to beta_end.
@@ -125,6 +126,10 @@ def _validate_model(m, data):
     _number(m, 'norm_eps', p, 0.0, 1.0, low_open=True)
   if 'dtype' in m:
     _choice(m, 'dtype', p, DTYPES)
+  if 'num_head_channels' in m:
+    _int(m, 'num_head_channels', p, 0)
+  if 'downsample_padding' in m:
+    _choice(m, 'downsample_padding', p, DOWNSAMPLE_PADDINGS)
   if ch_mult is None:
     return
   if 'ch' in m:
@@ -150,7 +155,7 @@ def _validate_model(m, data):
       if r not in resolutions:
         _fail(f'{p}.attn_resolutions', attn,
               f'{r} is not a U-Net resolution; those are {resolutions}')
-    if 'ch' in m and 'num_heads' in m:
+    if 'ch' in m and 'num_heads' in m and not m.get('num_head_channels', 0):
       for i, r in enumerate(resolutions):
         if r in attn and (m.ch * ch_mult[i]) % m.num_heads:
           _fail(f'{p}.num_heads', m.num_heads,
@@ -199,7 +204,7 @@ def _validate_sampling(s, num_timesteps):
       if num_timesteps is not None and steps > num_timesteps:
         _fail(f'{p}.{name}', steps, f'must be <= diffusion.num_timesteps = {num_timesteps}')
   if 'eta' in s:
-    _number(s, 'eta', p, 0.0, float('inf'), high_open=True)
+    _number(s, 'eta', p, 0.0, 1.0)
   for name in ('num_samples', 'batch_size'):
     if name in s:
       _int(s, name, p, 1)
