@@ -219,12 +219,13 @@ def test_image_grid_layout():
 def test_steps_per_call_lands_on_every_interval():
   config = tiny.get_config()
   config.training.steps_per_call = 10
-  assert train._steps_per_call(config, 0) == 2  # tiny: log_every=2, num_train_steps=8
+  assert train._steps_per_call(config, 0, 'gpu') == 2  # tiny: log_every=2, num_train_steps=8
   config.training.log_every = 100
   config.training.num_train_steps = 4000
   config.training.checkpoint_every = 1000
-  assert train._steps_per_call(config, 0) == 10
-  assert train._steps_per_call(config, 995) == 5
+  assert train._steps_per_call(config, 0, 'gpu') == 10
+  assert train._steps_per_call(config, 995, 'tpu') == 5
+  assert train._steps_per_call(config, 0, 'cpu') == 1
 
 
 # ---------------------------------------------------------------------------
@@ -254,15 +255,16 @@ def test_end_to_end_smoke(reference):
 
 def test_resume_after_sigterm_and_sigkill_is_bitwise_exact(reference, tmp_path, cache_dir):
   ref_dir, _ = reference
-  # SIGTERM at step 2: the run saves at the next step boundary (4) and exits 128 + 15.
+  # SIGTERM at step 2: the run saves at the next step boundary and exits 128 + 15.
+  # (One step per call on CPU, so that boundary is step 3.)
   code, _, err = _run(tmp_path, cache_dir, SIGNAL_AT_LOG=f'2:{int(signal.SIGTERM)}')
   assert code == 128 + signal.SIGTERM, err
-  assert checkpoint.saved_steps(str(tmp_path)) == [4]
-  # Resumed from 4, then SIGKILLed at step 6, between checkpoints.
+  assert checkpoint.saved_steps(str(tmp_path)) == [3]
+  # Resumed from 3, then SIGKILLed at step 6, between checkpoints.
   code, _, err = _run(tmp_path, cache_dir, SIGNAL_AT_LOG=f'6:{int(signal.SIGKILL)}')
   assert code == -signal.SIGKILL, err
-  assert checkpoint.saved_steps(str(tmp_path)) == [4]
-  # Resumed from 4 again, to the end.
+  assert checkpoint.saved_steps(str(tmp_path)) == [3, 4]
+  # Resumed from 4, to the end.
   code, summary, err = _run(tmp_path, cache_dir)
   assert code == 0, err
   assert summary['step'] == STEPS and summary['train_step_traces'] == 1
@@ -351,7 +353,7 @@ def _configure(config, changes):
 
 @pytest.mark.parametrize('changes, message', [
     ({'data.dataset': 'no_such_dataset_xyz'}, 'Unknown dataset'),
-    ({'data.image_size': 9, 'model.ch_mult': [1, 2]}, 'multiple of 2'),
+    ({'data.image_size': 9, 'model.ch_mult': [1, 2]}, 'image_size = 9: must be divisible by 2'),
     ({'training.batch_size': 6}, 'not divisible by the 4 devices'),
     ({'model.ch': 32}, 'different run'),
     ({'diffusion.model_mean_type': 'score'}, 'model_mean_type'),
