@@ -29,15 +29,15 @@ def get_config():
 
   config.optim.lr = 1e-3
   config.optim.warmup_steps = 200
-  config.optim.ema_decay = 0.999
+  config.optim.ema_decay = 0.995  # short run: average over the last ~200 steps
 
   config.training.batch_size = 64
-  config.training.num_train_steps = 4000
+  config.training.num_train_steps = 2000
   config.training.steps_per_call = 1  # a scanned grad runs far slower on XLA:CPU
   config.training.log_every = 100
   config.training.checkpoint_every = 1000
-  config.training.sample_every = 1000
-  config.training.eval_every = 2000
+  config.training.sample_every = 500
+  config.training.eval_every = 1000
   config.training.num_sample_grid = 64
 
   config.sampling.sampler = 'ddim'
