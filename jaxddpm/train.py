@@ -27,6 +27,7 @@ evaluation hook.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -250,7 +251,8 @@ def make_grid_sampler(config, model, schedule: schedules.Schedule, mesh) -> Call
   num_classes = int(config.model.num_classes)
   sharding = (parallel.data_sharding(mesh) if num % mesh.size == 0
               else parallel.replicated(mesh))
-  apply = Partial(_apply_model, model)
+  # A functools.partial is static under jit; the params ride along as Partial arguments.
+  apply = functools.partial(_apply_model, model)
 
   @jax.jit
   def start(key):
@@ -590,6 +592,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                  keep=int(config.training.keep_checkpoints))
   writer = None
   progress = None
+  batches = None
   try:
     latest = ckpt.latest_step()
     if latest is not None:
@@ -642,14 +645,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         before, step = step, step + n
         progress.advance(n)
 
+        log_now = _crossed(before, step, int(t.log_every))
         save_now = _crossed(before, step, int(t.checkpoint_every)) or step == total
-        stop_now = stop.requested()
-        if _crossed(before, step, int(t.log_every)) or save_now or stop_now:
+        # Across processes, asking costs a host sync; do it where the loop syncs anyway.
+        stop_now = ((jax.process_count() == 1 or log_now or save_now)
+                    and stop.requested())
+        if log_now or save_now or stop_now:
           steps, values = _host_metrics(pending)
           pending = []
           _check_finite(steps, values, last_saved)
           last_loss = float(values['loss'][-1])
-          if _crossed(before, step, int(t.log_every)):
+          if log_now:
             now = time.perf_counter()
             rate = (step - log_step) / max(now - log_time, 1e-9)
             logged = {name: float(np.mean(v[-(step - log_step):])) for name, v in values.items()}
@@ -686,6 +692,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return {'step': step, 'loss': last_loss, 'train_step_traces': traces[0],
             'stopped_by': stopped_by}
   finally:
+    if batches is not None:
+      batches.close()  # stops the prefetching threads
     ckpt.close()
     if writer is not None:
       writer.close()

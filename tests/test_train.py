@@ -208,6 +208,19 @@ def test_scan_of_k_steps_equals_k_calls():
   assert int(four.step) == 4
 
 
+def test_loss_aware_timesteps_keep_a_history():
+  config = tiny.get_config()
+  config.diffusion.timestep_sampler = 'loss_aware'
+  model = _ToyModel()
+  schedule = schedules.schedule_from_config(config.diffusion)
+  state = train.create_train_state(config, model, jax.random.PRNGKey(0))
+  images = jax.random.uniform(jax.random.PRNGKey(1), (3, 16, 4, 4, 1), minval=-1, maxval=1)
+  state, metrics = jax.jit(train.make_train_step(config, model, schedule))(state, {'image': images})
+  # Three steps of 16 examples: 48 (t, loss) pairs recorded, one count per example.
+  assert int(state.timestep_state.loss_counts.sum()) == 48
+  assert np.all(np.isfinite(metrics['loss']))
+
+
 def test_image_grid_layout():
   images = np.stack([np.full((2, 3, 1), v, np.float32) for v in (-1.0, 0.0, 1.0)])
   grid = train.image_grid(images, padding=1)
