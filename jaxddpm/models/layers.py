@@ -6,11 +6,13 @@ Names and initialisation follow the reference TensorFlow code
 `norm, q, k, v, proj_out` in an attention block.
 """
 
+import functools
 import math
 from typing import Any
 
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 
 Dtype = Any
@@ -73,9 +75,98 @@ def group_norm(num_groups: int, epsilon: float, dtype: Dtype, name: str) -> nn.G
                       use_fast_variance=False, name=name)
 
 
-def _conv(features, name, *, kernel=3, strides=1, padding='SAME', init_scale=1.0, dtype=jnp.float32):
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _lax_conv(strides, pads, precision, x, w):
+  return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC, precision=precision)
+
+
+def _conv_grads_canonical(strides, pads, precision, x, w, dy):
+  """(dx, dw) of y = conv(x, w) as two forward NHWC x HWIO convolutions.
+
+  With s the stride, lo the low padding and K the kernel size (per spatial dim):
+    dx[i] = sum_k dilate_s(dy)[i + lo - k] w[k]: dy dilated by s, correlated with
+            the spatially flipped kernel, its in/out channels swapped;
+    dw[k] = sum_o x_pad[s o + k] dy[o]: a correlation of x with dy as the kernel
+            (dilated by s), the batch axis B playing the channel role:
+            [I, H, W, B] (*) [H', W', B, O] -> [I, K, K, O].
+  These are the convolutions JAX's transpose rule gives, written in the one
+  layout XLA:CPU runs fast everywhere: inside a loop (lax.scan of train steps)
+  it does not bring the transposed convolutions JAX emits into that layout and
+  runs them about 20x slower (jax-ml/jax#12868).
+  """
+  dx_pads, dw_pads = [], []
+  for d, (lo, _), k, s in zip((1, 2), pads, w.shape[:2], strides):
+    dilated_out = (dy.shape[d] - 1) * s + 1
+    lo_t = k - 1 - lo
+    dx_pads.append((lo_t, x.shape[d] + k - 1 - lo_t - dilated_out))
+    dw_pads.append((lo, dilated_out + k - 1 - x.shape[d] - lo))
+  w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+  dx = lax.conv_general_dilated(dy, w_t, (1, 1), dx_pads, lhs_dilation=strides,
+                                dimension_numbers=_NHWC, precision=precision)
+  dw = lax.conv_general_dilated(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), (1, 1), dw_pads,
+                                rhs_dilation=strides, dimension_numbers=_NHWC, precision=precision)
+  return dx, dw.transpose(1, 2, 0, 3)
+
+
+def _conv_grads_lax(strides, pads, precision, x, w, dy):
+  return jax.vjp(functools.partial(_lax_conv, strides, pads, precision), x, w)[1](dy)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _conv_nhwc(strides, pads, precision, x, w):
+  return _lax_conv(strides, pads, precision, x, w)
+
+
+def _conv_nhwc_fwd(strides, pads, precision, x, w):
+  return _lax_conv(strides, pads, precision, x, w), (x, w)
+
+
+def _conv_nhwc_bwd(strides, pads, precision, residuals, dy):
+  x, w = residuals
+  canonical = functools.partial(_conv_grads_canonical, strides, pads, precision)
+  default = functools.partial(_conv_grads_lax, strides, pads, precision)
+  # Other backends map JAX's own transposed convolutions onto their libraries (cuDNN).
+  return lax.platform_dependent(x, w, dy, cpu=canonical, default=default)
+
+
+_conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+  """`lax.conv_general_dilated` with a gradient that stays fast on the CPU inside loops.
+
+  For a plain 2-D NHWC x HWIO convolution (no dilation, no groups) the value is
+  exactly lax's; the gradient is computed by `_conv_grads_canonical` on the CPU
+  and by JAX's own rule elsewhere. Anything else goes to lax unchanged.
+  """
+  plain = (lhs.ndim == 4 and feature_group_count == 1 and not kwargs
+           and all(d == 1 for d in (lhs_dilation or (1, 1)) + tuple(rhs_dilation or (1, 1)))
+           and lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+           == lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers))
+  if plain:
+    strides = tuple(int(s) for s in window_strides)
+    if isinstance(padding, str):
+      padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    # The gradient's convolutions need non-negative padding: pads below the kernel size, and
+    # no input rows that the strided windows skip beyond the padding.
+    fits = all(0 <= lo < k and 0 <= hi < k and (n + lo + hi - k) % s <= hi
+               for (lo, hi), n, k, s in zip(pads, lhs.shape[1:3], rhs.shape[:2], strides))
+    if fits:
+      return _conv_nhwc(strides, pads, precision, lhs, rhs)
+  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                                  rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                                  feature_group_count=feature_group_count, precision=precision, **kwargs)
+
+
+def conv(features, name, *, kernel=3, strides=1, padding='SAME', init_scale=1.0, dtype=jnp.float32):
+  """kernel x kernel convolution with the DDPM init, float32 params, `conv_general_dilated`."""
   return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=padding,
-                 kernel_init=ddpm_init(init_scale), dtype=dtype, param_dtype=jnp.float32, name=name)
+                 kernel_init=ddpm_init(init_scale), dtype=dtype, param_dtype=jnp.float32,
+                 conv_general_dilated=conv_general_dilated, name=name)
 
 
 def _dense(features, name, *, init_scale=1.0, dtype=jnp.float32):
@@ -99,7 +190,7 @@ class Downsample(nn.Module):
     if not self.with_conv:
       return avg_pool_2x2(x)
     pad = {'same': 'SAME', 'symmetric': ((1, 1), (1, 1))}[self.padding]
-    return _conv(x.shape[-1], 'conv', strides=2, padding=pad, dtype=self.dtype)(x)
+    return conv(x.shape[-1], 'conv', strides=2, padding=pad, dtype=self.dtype)(x)
 
 
 class Upsample(nn.Module):
@@ -111,7 +202,7 @@ class Upsample(nn.Module):
   def __call__(self, x):
     x = upsample_nearest(x)
     if self.with_conv:
-      x = _conv(x.shape[-1], 'conv', dtype=self.dtype)(x)
+      x = conv(x.shape[-1], 'conv', dtype=self.dtype)(x)
     return x
 
 
@@ -143,13 +234,13 @@ class ResBlock(nn.Module):
       h, x = upsample_nearest(h), upsample_nearest(x)
     elif self.resample == 'down':
       h, x = avg_pool_2x2(h), avg_pool_2x2(x)
-    h = _conv(self.out_ch, 'conv1', dtype=self.dtype)(h)
+    h = conv(self.out_ch, 'conv1', dtype=self.dtype)(h)
     h = h + _dense(self.out_ch, 'temb_proj', dtype=self.dtype)(nn.swish(temb))[:, None, None, :]
     h = nn.swish(group_norm(self.norm_groups, self.norm_eps, self.dtype, name='norm2')(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = _conv(self.out_ch, 'conv2', init_scale=0.0, dtype=self.dtype)(h)
+    h = conv(self.out_ch, 'conv2', init_scale=0.0, dtype=self.dtype)(h)
     if x.shape[-1] != self.out_ch:
-      x = _conv(self.out_ch, 'nin_shortcut', kernel=1, dtype=self.dtype)(x)
+      x = conv(self.out_ch, 'nin_shortcut', kernel=1, dtype=self.dtype)(x)
     return x + h
 
 

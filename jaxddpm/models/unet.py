@@ -134,8 +134,7 @@ class UNet(nn.Module):
       raise ValueError('labels y were given to a model with num_classes=0')
 
     # Downsampling path; every intermediate output is kept for the skips.
-    hs = [nn.Conv(cfg.ch, (3, 3), padding='SAME', kernel_init=layers.ddpm_init(), dtype=dtype,
-                  param_dtype=jnp.float32, name='conv_in')(x.astype(dtype))]
+    hs = [layers.conv(cfg.ch, 'conv_in', dtype=dtype)(x.astype(dtype))]
     for level, mult in enumerate(cfg.ch_mult):
       for i in range(cfg.num_res_blocks):
         h = resnet(cfg.ch * mult, f'down_{level}_block_{i}')(hs[-1], temb, train)
@@ -170,6 +169,5 @@ class UNet(nn.Module):
     assert not hs, 'every skip connection is used once'
 
     h = nn.swish(layers.group_norm(cfg.norm_groups, cfg.norm_eps, dtype, 'norm_out')(h))
-    h = nn.Conv(cfg.out_channels, (3, 3), padding='SAME', kernel_init=layers.ddpm_init(0.0), dtype=dtype,
-                param_dtype=jnp.float32, name='conv_out')(h)
+    h = layers.conv(cfg.out_channels, 'conv_out', init_scale=0.0, dtype=dtype)(h)
     return h.astype(jnp.float32)
