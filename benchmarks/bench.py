@@ -89,16 +89,49 @@ MB = 2.0 ** 20
 # Measuring.
 
 
-def median_seconds(call: Callable[[], Any], warmup: int, repeats: int) -> float:
-  """Median wall time of `call` (which must block until its work is done)."""
-  for _ in range(warmup):
-    call()
-  times = []
-  for _ in range(repeats):
+def time_interleaved(calls, warmup: int, repeats: int, probe, optional=()):
+  """Times several implementations of the same step, taking turns.
+
+  Args:
+    calls: {name: call}, each call running one step to completion (blocking).
+    warmup: untimed calls of each after its first call.
+    repeats: timed rounds; each round calls every implementation once, so a
+      slow spell of the machine falls on all of them alike.
+    probe: a MemoryProbe, reset before each implementation's first call and read
+      after its warm-up.
+    optional: names that may fail (torch.compile can, in many ways).
+
+  Returns:
+    {name: dict(seconds=median seconds per call, first_s=its first call,
+    peak=..., growth=...)}; an implementation whose first call raises is left
+    out, with {name: 'Error: message'} under 'skipped' when it is optional.
+  """
+  result, skipped = {}, {}
+  for name, call in list(calls.items()):
+    base = probe.reset()
     start = time.perf_counter()
-    call()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+    try:
+      call()
+    except Exception as e:  # pylint: disable=broad-except
+      if name not in optional:
+        raise
+      skipped[name] = f'{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}'
+      del calls[name]
+      continue
+    first_s = time.perf_counter() - start
+    for _ in range(warmup):
+      call()
+    peak, growth = probe.read(name, base)
+    result[name] = dict(first_s=first_s, peak=peak, growth=growth, times=[])
+  for _ in range(repeats):
+    for name, call in calls.items():
+      start = time.perf_counter()
+      call()
+      result[name]['times'].append(time.perf_counter() - start)
+  for r in result.values():
+    r['seconds'] = float(np.median(r.pop('times')))
+  result['skipped'] = skipped
+  return result
 
 
 class HostPeak:
@@ -216,20 +249,19 @@ def unet_forward_flops(ucfg) -> int:
 # jaxddpm.
 
 
-def time_jaxddpm(config, batch, warmup, repeats, steps_per_call, sampler, sample_steps):
-  """Times the train step and the sampling step; returns a dict of figures."""
+def setup_jaxddpm(config, batch, steps_per_call, sampler, sample_steps):
+  """Compiles jaxddpm's train step and sampling step; returns figures and the step calls."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jaxddpm import models, parallel, sample, samplers, schedules, train  # pylint: disable=g-import-not-at-top
 
-  host = HostPeak()
   device = jax.devices()[0]
   mesh = parallel.make_mesh([device])
   replicated = parallel.replicated(mesh)
   model = models.create_model(config)
   schedule = schedules.schedule_from_config(config.diffusion)
   size, channels = int(config.data.image_size), int(config.data.channels)
-  result = {}
+  result = {'train_images': steps_per_call * batch, 'sample_images': sample_steps * batch}
 
   # The fresh train state, compiled as train.train_and_evaluate compiles it.
   init = jax.jit(lambda key: train.create_train_state(config, model, key), out_shardings=replicated,
@@ -253,24 +285,18 @@ def time_jaxddpm(config, batch, warmup, repeats, steps_per_call, sampler, sample
   compiled = lowered.compile()
   result['train_compile_s'] = time.perf_counter() - start
   result['train_xla_bytes'] = xla_bytes(compiled)
+  # A scan's body is counted once: per step, whatever steps_per_call.
   result['train_xla_flops'] = xla_flops(lowered) / batch
   holder = [state]
+  del state
 
   def train_call():
     holder[0], metrics = compiled(holder[0], batches)
     jax.block_until_ready(metrics)
 
-  train_call()
-  base = host.reset()
-  seconds = median_seconds(train_call, warmup, repeats)
-  result['train_images_s'] = steps_per_call * batch / seconds
-  result['train_peak'] = device_peak_bytes(device) if device.platform != 'cpu' else host.peak()
-  result['train_peak_above'] = None if base is None or device.platform != 'cpu' else host.peak() - base
-  params = holder[0].params
-  del holder, state
-
-  # The U-Net's forward pass alone: XLA's FLOP count (not compiled).
-  model_fn = sample.make_model_fn(model, params)
+  # The U-Net's forward pass alone: XLA's FLOP count (not compiled). A copy of the
+  # params: the train step donates (deletes) the state it is given.
+  model_fn = sample.make_model_fn(model, jax.tree.map(jnp.copy, holder[0].params))
   x = jnp.zeros((batch, size, size, channels), jnp.float32)
   t = jnp.zeros((batch,), jnp.int32)
   forward = jax.jit(lambda f, x, t: f(x, t)).lower(model_fn, x, t)
@@ -288,12 +314,7 @@ def time_jaxddpm(config, batch, warmup, repeats, steps_per_call, sampler, sample
   def sample_call():
     jax.block_until_ready(run(plan, model_fn, sample_state, 0))
 
-  sample_call()
-  base = host.reset()
-  seconds = median_seconds(sample_call, warmup, repeats)
-  result['sample_images_s'] = sample_steps * batch / seconds
-  result['sample_peak'] = device_peak_bytes(device) if device.platform != 'cpu' else host.peak()
-  result['sample_peak_above'] = None if base is None or device.platform != 'cpu' else host.peak() - base
+  result['train'], result['sample'] = train_call, sample_call
   return result
 
 
@@ -357,13 +378,14 @@ def _check_mapping(ucfg, kwargs):
       raise ValueError(f'diffusers mapping disagrees with jaxddpm.convert on {name}: {ours} vs {value}')
 
 
-def time_diffusers(config, ucfg, batch, warmup, repeats, sampler, sample_steps, dtype, use_compile,
-                   device_name):
-  """{(phase, mode): figures} for diffusers' UNet2DModel; mode 'eager' or 'compiled'.
+def setup_diffusers(config, ucfg, batch, sampler, sample_steps, dtype, compiled, device_name):
+  """diffusers' UNet2DModel of the same architecture; returns the step calls.
 
   The train step mirrors jaxddpm's: t ~ U{0..T-1}, eps ~ N(0, I), x_t = q_sample,
   MSE(eps_theta(x_t, t), eps), clip_grad_norm_, Adam, EMA (lerp). The sampling
-  step is a diffusers DDIMScheduler / DDPMScheduler step after the U-Net.
+  step is a diffusers DDIMScheduler / DDPMScheduler step after the U-Net. With
+  compiled=True the U-Net runs under torch.compile (compiled by the first call
+  of each step).
   """
   import diffusers  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
@@ -371,7 +393,6 @@ def time_diffusers(config, ucfg, batch, warmup, repeats, sampler, sample_steps, 
   kwargs = diffusers_unet_kwargs(ucfg)
   _check_mapping(ucfg, kwargs)
   dev = torch.device(device_name)
-  host = HostPeak()
   optim = config.optim
   diff = config.diffusion
   autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == 'bfloat16'
@@ -379,90 +400,54 @@ def time_diffusers(config, ucfg, batch, warmup, repeats, sampler, sample_steps, 
   sched_kwargs = dict(num_train_timesteps=int(diff.num_timesteps), beta_start=float(diff.beta_start),
                       beta_end=float(diff.beta_end), beta_schedule=str(diff.beta_schedule))
   ema_decay = float(optim.ema_decay)
+  shape = (batch, ucfg.in_channels, ucfg.image_size, ucfg.image_size)
+
+  torch.manual_seed(0)
+  unet = diffusers.UNet2DModel(**kwargs).to(dev)
+  net = torch.compile(unet) if compiled else unet
+  params = list(unet.parameters())
+  ema = [p.detach().clone() for p in params]
+  opt = torch.optim.Adam(params, lr=float(optim.lr), betas=(float(optim.beta1), float(optim.beta2)),
+                         eps=float(optim.eps))
+  abar = torch.as_tensor(diffusers.DDPMScheduler(**sched_kwargs).alphas_cumprod, device=dev)
+  x0 = torch.rand(shape, device=dev) * 2 - 1
+  y = torch.randint(0, ucfg.num_classes, (batch,), device=dev) if ucfg.num_classes else None
+  scheduler = (diffusers.DDIMScheduler if sampler == 'ddim' else diffusers.DDPMScheduler)(**sched_kwargs)
+  scheduler.set_timesteps(sample_steps)
+  x_T = torch.randn(shape, device=dev)
 
   def sync():
     if dev.type == 'cuda':
       torch.cuda.synchronize()
 
-  def peak_of(base):
-    if dev.type == 'cuda':
-      return torch.cuda.max_memory_allocated(), None
-    return host.peak(), None if base is None else host.peak() - base
-
-  results = {}
-  modes = ['eager'] + (['compiled'] if use_compile else [])
-  for mode in modes:
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(**kwargs).to(dev)
-    net = torch.compile(unet) if mode == 'compiled' else unet
-    results['params'] = sum(p.numel() for p in unet.parameters())
-
-    # Train step.
+  def train_call():
     unet.train()
-    params = [p for p in unet.parameters()]
-    ema = [p.detach().clone() for p in params]
-    opt = torch.optim.Adam(params, lr=float(optim.lr), betas=(float(optim.beta1), float(optim.beta2)),
-                           eps=float(optim.eps))
-    abar = torch.as_tensor(diffusers.DDPMScheduler(**sched_kwargs).alphas_cumprod, device=dev)
-    x0 = torch.rand(batch, ucfg.in_channels, ucfg.image_size, ucfg.image_size, device=dev) * 2 - 1
-    y = (torch.randint(0, ucfg.num_classes, (batch,), device=dev) if ucfg.num_classes else None)
+    t = torch.randint(0, abar.shape[0], (batch,), device=dev)
+    eps = torch.randn_like(x0)
+    a = abar[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    opt.zero_grad(set_to_none=True)
+    with autocast:
+      out = net(xt, t, class_labels=y).sample
+    loss = (out.float()[:, :ucfg.in_channels] - eps).pow(2).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, float(optim.grad_clip))
+    opt.step()
+    with torch.no_grad():
+      torch._foreach_lerp_(ema, params, 1.0 - ema_decay)  # pylint: disable=protected-access
+    sync()
 
-    def train_call():
-      t = torch.randint(0, abar.shape[0], (batch,), device=dev)
-      eps = torch.randn_like(x0)
-      a = abar[t].view(-1, 1, 1, 1)
-      xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-      opt.zero_grad(set_to_none=True)
-      with autocast:
-        out = net(xt, t, class_labels=y).sample
-      loss = (out.float()[:, :ucfg.in_channels] - eps).pow(2).mean()
-      loss.backward()
-      torch.nn.utils.clip_grad_norm_(params, float(optim.grad_clip))
-      opt.step()
-      with torch.no_grad():
-        torch._foreach_lerp_(ema, params, 1.0 - ema_decay)  # pylint: disable=protected-access
-      sync()
+  def sample_call():
+    unet.eval()
+    x = x_T
+    with torch.inference_mode(), autocast:
+      for t in scheduler.timesteps:
+        eps = net(x, t, class_labels=y).sample.float()[:, :ucfg.in_channels]
+        x = scheduler.step(eps, t, x).prev_sample
+    sync()
 
-    def sample_call():
-      x = x_T
-      with torch.inference_mode(), autocast:
-        for t in scheduler.timesteps:
-          eps = net(x, t, class_labels=y).sample.float()[:, :ucfg.in_channels]
-          x = scheduler.step(eps, t, x).prev_sample
-      sync()
-
-    try:
-      base = host.rss()
-      start = time.perf_counter()
-      train_call()  # compiles under torch.compile
-      first_s = time.perf_counter() - start
-      host.reset()
-      seconds = median_seconds(train_call, warmup, repeats)
-      peak, above = peak_of(base)
-      results[('train', mode)] = dict(images_s=batch / seconds, first_s=first_s, peak=peak, above=above)
-
-      unet.eval()
-      del opt, ema
-      scheduler_cls = diffusers.DDIMScheduler if sampler == 'ddim' else diffusers.DDPMScheduler
-      scheduler = scheduler_cls(**sched_kwargs)
-      scheduler.set_timesteps(sample_steps)
-      x_T = torch.randn(batch, ucfg.in_channels, ucfg.image_size, ucfg.image_size, device=dev)
-      base = host.rss()
-      start = time.perf_counter()
-      sample_call()
-      first_s = time.perf_counter() - start
-      host.reset()
-      seconds = median_seconds(sample_call, warmup, repeats)
-      peak, above = peak_of(base)
-      results[('sample', mode)] = dict(images_s=sample_steps * batch / seconds, first_s=first_s,
-                                       peak=peak, above=above)
-    except Exception as e:  # pylint: disable=broad-except
-      if mode == 'eager':
-        raise
-      results[('skipped', mode)] = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
-    if dev.type == 'cuda':
-      torch.cuda.reset_peak_memory_stats()
-  return results
+  return {'params': sum(p.numel() for p in params), 'train': train_call, 'sample': sample_call,
+          'train_images': batch, 'sample_images': sample_steps * batch}
 
 
 # ---------------------------------------------------------------------------
@@ -481,6 +466,33 @@ def peak_tflops(device) -> float | None:
     if name.lower() in device.device_kind.lower():
       return tflops
   return None
+
+
+class MemoryProbe:
+  """Peak memory of one implementation's first calls: host RSS on the CPU, device bytes on a GPU.
+
+  On a GPU, jaxddpm's figure is JAX's peak_bytes_in_use so far (it cannot be
+  reset; XLA's account of each program is the column beside it) and
+  diffusers' is torch.cuda.max_memory_allocated, reset before each.
+  """
+
+  def __init__(self, jax_device, torch_module=None):
+    self.host = HostPeak()
+    self.jax_device = jax_device
+    self.torch = torch_module
+
+  def reset(self):
+    if self.torch is not None and self.jax_device.platform != 'cpu':
+      self.torch.cuda.reset_peak_memory_stats()
+    return self.host.reset()
+
+  def read(self, name, base):
+    if self.jax_device.platform == 'cpu':
+      peak = self.host.peak()
+      return peak, (None if base is None or peak is None else peak - base)
+    if name == 'jaxddpm':
+      return device_peak_bytes(self.jax_device), None
+    return self.torch.cuda.max_memory_allocated(), None
 
 
 def main(argv):
@@ -503,36 +515,82 @@ def main(argv):
   where = (f'{platform} ({device.device_kind}, {cores} cores)' if platform == 'cpu'
            else f'{platform} ({device.device_kind})')
   print(f'{_config_name("config")}: batch {batch}, {ucfg.dtype}, {where}, jax {jax.__version__}; '
-        f'median of {repeats} after {warmup} warm-up')
+        f'median of {repeats} interleaved calls after {warmup} warm-up')
 
-  peak_name = 'peak RSS MB (+phase)' if platform == 'cpu' else 'device peak MB'
-  print(f'{"":26s} {"images/s":>9s} {"ms/step":>9s} {"compile s":>10s} {"XLA MB":>8s}  {peak_name}')
-
-  def row(name, images_s, compile_s, xla_b, peak, above):
-    extra = f' (+{_fmt_mb(above)})' if above is not None else ''
-    comp = '-' if compile_s is None else f'{compile_s:.1f}'
-    print(f'{name:26s} {images_s:9.2f} {1e3 * batch / images_s:9.1f} {comp:>10s} {_fmt_mb(xla_b):>8s}  '
-          f'{_fmt_mb(peak)}{extra}')
-
-  jx = time_jaxddpm(config, batch, warmup, repeats, _STEPS_PER_CALL.value, _SAMPLER.value,
-                    _SAMPLE_STEPS.value)
-  for phase, name in (('train', 'train   jaxddpm'), ('sample', f'sample  jaxddpm {_SAMPLER.value}')):
-    row(name, jx[f'{phase}_images_s'], jx[f'{phase}_compile_s'], jx[f'{phase}_xla_bytes'],
-        jx[f'{phase}_peak'], jx[f'{phase}_peak_above'])
+  entries = {'jaxddpm': setup_jaxddpm(config, batch, _STEPS_PER_CALL.value, _SAMPLER.value,
+                                      _SAMPLE_STEPS.value)}
+  jx = entries['jaxddpm']
   print(f'jaxddpm U-Net: {jx["params"]:,} params; init (create_train_state, compile + run) '
         f'{jx["init_s"]:.1f} s; {_STEPS_PER_CALL.value} train step(s) per call')
+
+  torch = None
+  if not _TORCH.value:
+    print('diffusers: not timed (--notorch)')
+  else:
+    try:
+      import diffusers  # pylint: disable=g-import-not-at-top
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      print("diffusers: not timed (torch/diffusers not installed: pip install -e '.[torch]')")
+  if torch is not None:
+    torch_device = 'cpu' if platform == 'cpu' else ('cuda' if torch.cuda.is_available() else None)
+    if torch_device is None:
+      print(f'diffusers: not timed (torch has no {platform})')
+      torch = None
+    else:
+      if torch_device == 'cpu':
+        torch.set_num_threads(cores)
+      for name, compiled in (('diffusers eager', False), ('diffusers compiled', True)):
+        if compiled and not _TORCH_COMPILE.value:
+          continue
+        entries[name] = setup_diffusers(config, ucfg, batch, _SAMPLER.value, _SAMPLE_STEPS.value,
+                                        ucfg.dtype, compiled, torch_device)
+      print(f'diffusers UNet2DModel on {torch_device}: {entries["diffusers eager"]["params"]:,} params, '
+            f'torch {torch.__version__}, diffusers {diffusers.__version__}, '
+            f'{torch.get_num_threads()} torch threads')
+
+  probe = MemoryProbe(device, torch)
+  peak_name = 'peak RSS MB (+growth)' if platform == 'cpu' else 'device peak MB'
+  print(f'{"":28s} {"images/s":>9s} {"ms/step":>9s} {"compile s":>10s} {"XLA MB":>8s}  {peak_name}')
+  images_s = {}
+  for phase in ('train', 'sample'):
+    timed = time_interleaved({name: e[phase] for name, e in entries.items()}, warmup, repeats, probe,
+                             optional=('diffusers compiled',))
+    for name, r in timed.items():
+      if name == 'skipped':
+        continue
+      rate = entries[name][f'{phase}_images'] / r['seconds']
+      images_s[phase, name] = rate
+      if name == 'jaxddpm':
+        compile_s, xla_b = jx[f'{phase}_compile_s'], jx[f'{phase}_xla_bytes']
+      else:
+        compile_s, xla_b = (r['first_s'] if name.endswith('compiled') else None), None
+      label = f'{phase:7s} {name}' + (f' {_SAMPLER.value}' if phase == 'sample' and name == 'jaxddpm' else '')
+      growth = '' if r['growth'] is None else f' ({"-" if r["growth"] < 0 else "+"}{_fmt_mb(abs(r["growth"]))})'
+      comp = '-' if compile_s is None else f'{compile_s:.1f}'
+      print(f'{label:28s} {rate:9.2f} {1e3 * batch / rate:9.1f} {comp:>10s} {_fmt_mb(xla_b):>8s}  '
+            f'{_fmt_mb(r["peak"])}{growth}')
+    for name, why in timed['skipped'].items():
+      print(f'{phase:7s} {name}: skipped ({why})')
+  if 'diffusers compiled' in entries:
+    print('compile s of diffusers compiled: its first call; jaxddpm compiles ahead of the first call')
+  for name in entries:
+    if name != 'jaxddpm' and ('train', name) in images_s and ('sample', name) in images_s:
+      print(f'ratio jaxddpm / {name} (images/s, > 1: jaxddpm faster): '
+            f'train {images_s["train", "jaxddpm"] / images_s["train", name]:.2f}, '
+            f'sample {images_s["sample", "jaxddpm"] / images_s["sample", name]:.2f}')
 
   fwd = unet_forward_flops(ucfg)
   print(f'forward GFLOP/image: {fwd / 1e9:.4g} counted (convs, dense, attention matmuls), '
         f'{jx["forward_xla_flops"] / 1e9:.4g} XLA cost analysis (which skips the zero padding); '
         f'train step XLA: {jx["train_xla_flops"] / 1e9:.4g} GFLOP/image '
         f'({jx["train_xla_flops"] / jx["forward_xla_flops"]:.2f}x forward)')
-  train_tflops = 3 * fwd * jx['train_images_s'] / 1e12
-  sample_tflops = fwd * jx['sample_images_s'] / 1e12
+  train_tflops = 3 * fwd * images_s['train', 'jaxddpm'] / 1e12
+  sample_tflops = fwd * images_s['sample', 'jaxddpm'] / 1e12
   peak = peak_tflops(device) if platform != 'cpu' else None
   mfu = '' if peak is None else (f'; MFU vs {peak:.0f} TFLOP/s bf16 dense peak: train '
                                  f'{100 * train_tflops / peak:.1f}%, sample {100 * sample_tflops / peak:.1f}%')
-  print(f'model TFLOP/s (3x forward per train image): train {train_tflops:.3f}, '
+  print(f'jaxddpm model TFLOP/s (train image = 3x forward): train {train_tflops:.3f}, '
         f'sample {sample_tflops:.3f}{mfu}')
 
   if _MEMORY_STEPS.value:
@@ -542,41 +600,6 @@ def main(argv):
           '(one lax.scan over all steps): ' + '; '.join(
               f'{s} steps: XLA {_fmt_mb(b)} MB' + ('' if p is None else f', process peak +{_fmt_mb(p)} MB')
               for s, b, p in rows))
-
-  if not _TORCH.value:
-    print('diffusers: not timed (--notorch)')
-    return
-  try:
-    import diffusers  # pylint: disable=g-import-not-at-top
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    print("diffusers: skipped (torch/diffusers not installed: pip install -e '.[torch]')")
-    return
-  torch_device = 'cpu' if platform == 'cpu' else ('cuda' if torch.cuda.is_available() else None)
-  if torch_device is None:
-    print(f'diffusers: skipped (torch has no {platform})')
-    return
-  if torch_device == 'cpu':
-    torch.set_num_threads(cores)
-  print(f'diffusers UNet2DModel on {torch_device}, torch {torch.__version__}, diffusers '
-        f'{diffusers.__version__}, {torch.get_num_threads()} torch threads '
-        '(compile s: the first call under torch.compile)')
-  ref = time_diffusers(config, ucfg, batch, warmup, repeats, _SAMPLER.value, _SAMPLE_STEPS.value,
-                       ucfg.dtype, _TORCH_COMPILE.value, torch_device)
-  for phase in ('train', 'sample'):
-    for mode in ('eager', 'compiled'):
-      if (phase, mode) in ref:
-        r = ref[(phase, mode)]
-        row(f'{phase:7s} diffusers {mode}', r['images_s'], r['first_s'] if mode == 'compiled' else None,
-            None, r['peak'], r['above'])
-  if ('skipped', 'compiled') in ref:
-    print(f'diffusers compiled: skipped ({ref[("skipped", "compiled")]})')
-  print(f'diffusers UNet2DModel: {ref["params"]:,} params')
-  for mode in ('eager', 'compiled'):
-    if ('train', mode) in ref:
-      print(f'ratio jaxddpm / diffusers {mode} (images/s, > 1: jaxddpm faster): '
-            f'train {jx["train_images_s"] / ref[("train", mode)]["images_s"]:.2f}, '
-            f'sample {jx["sample_images_s"] / ref[("sample", mode)]["images_s"]:.2f}')
 
 
 if __name__ == '__main__':
