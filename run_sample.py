@@ -11,6 +11,10 @@ with --metrics also metrics.json there, and prints the metrics as one JSON line.
   python run_sample.py --workdir=runs/digits --num_samples=1000 --metrics=fid,is,kid,bpd
 """
 
+# Before anything starts threads: glibc then keeps freed memory for reuse (jaxddpm.runtime).
+from jaxddpm import runtime  # pylint: disable=g-bad-import-order
+runtime.keep_freed_host_memory()
+
 import json
 import os
 import sys

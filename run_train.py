@@ -10,6 +10,10 @@ Multi-host: pass --distributed (or set JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID) and start one process per host.
 """
 
+# Before anything starts threads: glibc then keeps freed memory for reuse (jaxddpm.runtime).
+from jaxddpm import runtime  # pylint: disable=g-bad-import-order
+runtime.keep_freed_host_memory()
+
 import sys
 
 from absl import app

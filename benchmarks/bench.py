@@ -66,6 +66,10 @@ _SAMPLER = flags.DEFINE_enum('sampler', 'ddim', ['ddim', 'ddpm'], 'Sampler of th
 _SAMPLE_STEPS = flags.DEFINE_integer('sample_steps', 5, 'Sampling steps per timed call.')
 _TORCH = flags.DEFINE_bool('torch', True, 'Also time diffusers\' UNet2DModel when it imports.')
 _TORCH_COMPILE = flags.DEFINE_bool('torch_compile', True, 'Also time it under torch.compile.')
+_TUNING = flags.DEFINE_bool(
+    'runtime_tuning', True,
+    'Apply jaxddpm.runtime\'s settings as run_train.py does (glibc keeps freed memory; XLA:CPU '
+    'kernel choice). --noruntime_tuning times XLA\'s defaults.')
 _THREADS = flags.DEFINE_integer('threads', 0, 'CPU cores for both frameworks (0: all available).')
 _PEAK_TFLOPS = flags.DEFINE_float('peak_tflops', 0.0,
                                   'Device peak for MFU, TFLOP/s (0: look up the device kind).')
@@ -249,7 +253,7 @@ def unet_forward_flops(ucfg) -> int:
 # jaxddpm.
 
 
-def setup_jaxddpm(config, batch, steps_per_call, sampler, sample_steps):
+def setup_jaxddpm(config, batch, steps_per_call, sampler, sample_steps, compiler_options):
   """Compiles jaxddpm's train step and sampling step; returns figures and the step calls."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -274,7 +278,8 @@ def setup_jaxddpm(config, batch, steps_per_call, sampler, sample_steps):
   # Train step: as train.train_and_evaluate jits it (state donated, batch sharded on 'data').
   train_steps = train.make_train_step(config, model, schedule)
   step_fn = jax.jit(train_steps, in_shardings=(replicated, parallel.data_sharding(mesh, batch_axis=1)),
-                    out_shardings=(replicated, replicated), donate_argnums=(0,))
+                    out_shardings=(replicated, replicated), donate_argnums=(0,),
+                    compiler_options=compiler_options)
   rng = np.random.default_rng(0)
   batches = {'image': rng.uniform(-1, 1, (steps_per_call, batch, size, size, channels)).astype(np.float32)}
   if int(config.model.num_classes) > 0:
@@ -307,7 +312,8 @@ def setup_jaxddpm(config, batch, steps_per_call, sampler, sample_steps):
                                chunk_length=sample_steps)
   sample_state = plan.init(jax.random.key(1), (batch, size, size, channels))
   start = time.perf_counter()
-  run = jax.jit(samplers.run_chunk).lower(plan, model_fn, sample_state, 0).compile()
+  run = jax.jit(samplers.run_chunk, compiler_options=compiler_options).lower(
+      plan, model_fn, sample_state, 0).compile()
   result['sample_compile_s'] = time.perf_counter() - start
   result['sample_xla_bytes'] = xla_bytes(run)
 
@@ -500,6 +506,8 @@ def main(argv):
   if _THREADS.value > 0:
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:_THREADS.value])
   cores = len(os.sched_getaffinity(0))
+  from jaxddpm import runtime  # pylint: disable=g-import-not-at-top
+  malloc_tuned = _TUNING.value and runtime.keep_freed_host_memory()
   import jax  # pylint: disable=g-import-not-at-top
   from jaxddpm import models  # pylint: disable=g-import-not-at-top
 
@@ -517,8 +525,11 @@ def main(argv):
   print(f'{_config_name("config")}: batch {batch}, {ucfg.dtype}, {where}, jax {jax.__version__}; '
         f'median of {repeats} interleaved calls after {warmup} warm-up')
 
+  compiler_options = runtime.step_compiler_options() if _TUNING.value else {}
+  print(f'jaxddpm.runtime: glibc keeps freed memory: {bool(malloc_tuned)}; XLA compiler_options '
+        f'of the steps: {compiler_options}')
   entries = {'jaxddpm': setup_jaxddpm(config, batch, _STEPS_PER_CALL.value, _SAMPLER.value,
-                                      _SAMPLE_STEPS.value)}
+                                      _SAMPLE_STEPS.value, compiler_options)}
   jx = entries['jaxddpm']
   print(f'jaxddpm U-Net: {jx["params"]:,} params; init (create_train_state, compile + run) '
         f'{jx["init_s"]:.1f} s; {_STEPS_PER_CALL.value} train step(s) per call')

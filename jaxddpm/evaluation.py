@@ -35,6 +35,7 @@ import numpy as np
 from scipy import linalg
 
 from jaxddpm import diffusion
+from jaxddpm import runtime
 from jaxddpm import schedules
 from jaxddpm.digits_classifier import DigitsExtractor
 from jaxddpm.models import inception
@@ -379,13 +380,17 @@ def compute_metrics(samples, reference, *, extractor, metrics=METRICS, is_splits
 # Bits/dim.
 
 
-@functools.partial(jax.jit, static_argnames=('model_mean_type', 'model_var_type',
-                                             'clip_denoised'))
-def _bpd_batch(model_fn, schedule, x, key, model_kwargs, *, model_mean_type, model_var_type,
-               clip_denoised):
+def _bpd_batch_fn(model_fn, schedule, x, key, model_kwargs, *, model_mean_type, model_var_type,
+                  clip_denoised):
   return diffusion.calc_bpd_loop(model_fn, schedule, x, key, model_mean_type=model_mean_type,
                                  model_var_type=model_var_type, clip_denoised=clip_denoised,
                                  model_kwargs=model_kwargs)
+
+
+@functools.cache
+def _bpd_batch():
+  return jax.jit(_bpd_batch_fn, static_argnames=('model_mean_type', 'model_var_type', 'clip_denoised'),
+                 compiler_options=runtime.step_compiler_options())
 
 
 def quantize(images):
@@ -428,7 +433,7 @@ def bits_per_dim(model_fn, schedule, images, key, *, model_mean_type, model_var_
     idx = np.arange(start, min(start + batch_size, n))
     padded = np.pad(idx, (0, batch_size - len(idx)), mode='edge')  # one shape: one compile
     kwargs = {} if labels is None else {'y': _put(np.asarray(labels, np.int32)[padded], mesh)}
-    out = _bpd_batch(model_fn, schedule, _put(images[padded], mesh), jax.random.fold_in(key, i),
+    out = _bpd_batch()(model_fn, schedule, _put(images[padded], mesh), jax.random.fold_in(key, i),
                      kwargs, model_mean_type=model_mean_type, model_var_type=model_var_type,
                      clip_denoised=clip_denoised)
     results.append({k: _fetch(v)[:len(idx)] for k, v in out.items()})

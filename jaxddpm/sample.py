@@ -37,6 +37,7 @@ from jaxddpm import diffusion
 from jaxddpm import models
 from jaxddpm import parallel
 from jaxddpm import runs
+from jaxddpm import runtime
 from jaxddpm import samplers
 from jaxddpm import schedules
 
@@ -177,7 +178,8 @@ def _compiled_run_chunk(mesh, state_treedef, leaf_ndims):
   state_sharding = jax.tree.unflatten(state_treedef, [
       parallel.data_sharding(mesh) if ndim else rep for ndim in leaf_ndims])
   return jax.jit(samplers.run_chunk, in_shardings=(rep, rep, state_sharding, rep),
-                 out_shardings=(state_sharding, None), donate_argnums=2)
+                 out_shardings=(state_sharding, None), donate_argnums=2,
+                 compiler_options=runtime.step_compiler_options())
 
 
 def sample_run(workdir: str, *, sampler: str | None = None, steps: int | None = None,

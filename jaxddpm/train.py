@@ -53,6 +53,7 @@ from jaxddpm import data as data_lib
 from jaxddpm import diffusion
 from jaxddpm import models
 from jaxddpm import parallel
+from jaxddpm import runtime
 from jaxddpm import samplers
 from jaxddpm import schedules
 
@@ -582,8 +583,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Initialisation runs once: compiling it with less LLVM optimisation saves
   # more time than its execution loses.
   init_fn = jax.jit(lambda key: create_train_state(config, model, key), out_shardings=replicated,
-                    compiler_options={'xla_backend_optimization_level': 0,
-                                      'xla_llvm_disable_expensive_passes': True})
+                    compiler_options=models.INIT_COMPILER_OPTIONS)
   abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(int(config.seed)))
   abstract = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
@@ -621,7 +621,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         counted,
         in_shardings=(replicated, parallel.data_sharding(mesh, batch_axis=1)),
         out_shardings=(replicated, replicated),
-        donate_argnums=(0,))
+        donate_argnums=(0,),
+        compiler_options=runtime.step_compiler_options())
     sample_grid = None
     if int(config.training.sample_every) > 0:
       sample_grid = make_grid_sampler(config, model, schedule, mesh)

@@ -86,6 +86,58 @@ def test_timestep_embedding_matches_numpy(dim, flip, shift):
   np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4)
 
 
+def _group_norm_float64(x, scale, bias, groups, eps):
+  b, c = x.shape[0], x.shape[-1]
+  g = np.asarray(x, np.float64).reshape(b, -1, groups, c // groups)
+  y = (g - g.mean(axis=(1, 3), keepdims=True)) / np.sqrt(g.var(axis=(1, 3), keepdims=True) + eps)
+  return y.reshape(x.shape) * np.asarray(scale, np.float64) + np.asarray(bias, np.float64)
+
+
+@pytest.mark.parametrize('shape,groups,offset', [((2, 4, 4, 8), 4, 0.0), ((3, 2, 5, 12), 3, 0.0),
+                                                  ((2, 4, 4, 8), 2, 1000.0), ((2, 6, 8), 8, 0.0)])
+def test_group_norm_matches_float64(shape, groups, offset):
+  """Wu & He (2018) eq. 1 per group over positions and the group's channels, two-pass variance.
+
+  offset=1000: a mean 1000 times the spread, where a one-pass E[x^2] - E[x]^2 in
+  float32 would lose every digit of the variance.
+  """
+  rng = np.random.default_rng(0)
+  x = (offset + rng.standard_normal(shape)).astype(np.float32)
+  scale = rng.standard_normal(shape[-1]).astype(np.float32)
+  bias = rng.standard_normal(shape[-1]).astype(np.float32)
+  module = layers.GroupNorm(num_groups=groups, epsilon=1e-6)
+  got = module.apply({'params': {'scale': scale, 'bias': bias}}, x)
+  assert got.dtype == jnp.float32 and got.shape == shape
+  np.testing.assert_allclose(np.asarray(got), _group_norm_float64(x, scale, bias, groups, 1e-6),
+                             rtol=0, atol=2e-3 if offset else 2e-5)
+  # bfloat16 compute: float32 statistics, output rounded once to bfloat16.
+  got16 = layers.GroupNorm(num_groups=groups, epsilon=1e-6, dtype=jnp.bfloat16).apply(
+      {'params': {'scale': scale, 'bias': bias}}, x)
+  assert got16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got16, np.float32), np.asarray(got), rtol=1e-2, atol=2e-2)
+
+
+def test_group_norm_gradient_matches_flax():
+  """The same function as flax.linen.GroupNorm (two-pass): value and gradient."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(3), (2, 4, 4, 8)) * 2 + 0.5
+  params = {'params': {'scale': jnp.linspace(0.5, 1.5, 8), 'bias': jnp.linspace(-1, 1, 8)}}
+  ours = layers.GroupNorm(num_groups=4, epsilon=1e-6)
+  ref = nn.GroupNorm(num_groups=4, epsilon=1e-6, use_fast_variance=False)
+
+  def loss(m, p, x):
+    return jnp.sum(jnp.sin(m.apply(p, x)) * x)
+
+  for a, b in zip(jax.grad(functools.partial(loss, ours), argnums=(0, 1))(params, x),
+                  jax.grad(functools.partial(loss, ref), argnums=(0, 1))(params, x)):
+    chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_group_norm_rejects_indivisible_channels():
+  with pytest.raises(ValueError, match='6 channels do not split into 4 groups'):
+    layers.GroupNorm(num_groups=4).init(jax.random.key(0), jnp.zeros((1, 2, 2, 6)))
+
+
 @pytest.mark.parametrize('num_heads', [1, 2])
 def test_attention_matches_numpy(num_heads):
   block = layers.AttnBlock(num_heads=num_heads, norm_groups=4)
