@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -90,8 +91,9 @@ def group_norm_apply(x, scale, bias, num_groups: int, epsilon: float):
     raise ValueError(f'GroupNorm: {c} channels do not split into {num_groups} groups')
   xf = x.astype(jnp.float32).reshape(b, -1, c)
   count = xf.shape[1] * (c // num_groups)
-  group = jnp.arange(c) // (c // num_groups)
-  averaging = (group[:, None] == group[None, :]).astype(jnp.float32) / count
+  group = np.arange(c) // (c // num_groups)
+  # A NumPy constant: built with jnp, XLA:CPU would rebuild it on every call.
+  averaging = (group[:, None] == group[None, :]).astype(np.float32) / np.float32(count)
 
   def group_mean(per_channel_sums):  # [B, C] -> the mean of each channel's group, [B, C]
     # HIGHEST: a GPU would otherwise round these float32 products to TF32.
