@@ -1,4 +1,4 @@
-"""jaxddpm.runtime: settings that change how fast, never what, XLA computes."""
+"""jaxddpm.runtime: settings that change how fast XLA computes, and its float32 rounding only."""
 
 import os
 import subprocess
