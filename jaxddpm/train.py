@@ -212,8 +212,7 @@ def make_train_step(config, model, schedule: schedules.Schedule) -> Callable:
 
   def train_steps(state: TrainState, batches):
     if jax.tree.leaves(batches)[0].shape[0] == 1:
-      # No loop for a single step: XLA:CPU runs convolution gradients inside
-      # loop bodies on a slow path (jax-ml/jax#12868).
+      # A single step needs no loop.
       state, metrics = one_step(state, jax.tree.map(lambda b: b[0], batches))
       return state, jax.tree.map(lambda m: m[None], metrics)
     return jax.lax.scan(one_step, state, batches)
@@ -513,16 +512,9 @@ def _crossed(before: int, after: int, every: int) -> bool:
   return every > 0 and after // every > before // every
 
 
-def _steps_per_call(config, start_step: int, platform: str | None = None) -> int:
+def _steps_per_call(config, start_step: int) -> int:
   """config.training.steps_per_call, reduced so that calls end exactly on every
-  log/checkpoint/sample/eval step and on num_train_steps (one compilation).
-
-  On CPU it is 1: XLA:CPU runs convolution gradients inside a loop 30-50x
-  slower than outside one (jax-ml/jax#12868), and dispatch overhead is small
-  next to a CPU step anyway.
-  """
-  if (platform or jax.default_backend()) == 'cpu':
-    return 1
+  log/checkpoint/sample/eval step and on num_train_steps (one compilation)."""
   k = max(1, int(config.training.steps_per_call))
   t = config.training
   for every in (t.log_every, t.checkpoint_every, t.sample_every, t.eval_every,

@@ -16,13 +16,11 @@ def test_bench_runs_and_sampling_memory_is_flat():
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   text = out.stdout
-  rates = {}
   for phase in ('train', 'sample'):
     m = re.search(rf'^{phase}\s+jaxddpm\S*(?: ddim)?\s+([\d.]+)\s+([\d.]+)', text, re.M)
     assert m, text
     images_s, ms_per_step = float(m.group(1)), float(m.group(2))
     assert images_s > 0 and abs(1e3 * 2 / images_s - ms_per_step) < 0.05 * ms_per_step + 0.1, text
-    rates[phase] = images_s
   assert re.search(r'forward GFLOP/image: [\d.e-]+ counted', text), text
   # One x is 16 * 8 * 8 * 4 bytes = 4 KiB: keeping every step's x would add 360 KiB
   # from 10 to 100 steps. Only the plan's per-step arrays (a few bytes a step) may grow.

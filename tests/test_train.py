@@ -232,13 +232,12 @@ def test_image_grid_layout():
 def test_steps_per_call_lands_on_every_interval():
   config = tiny.get_config()
   config.training.steps_per_call = 10
-  assert train._steps_per_call(config, 0, 'gpu') == 2  # tiny: log_every=2, num_train_steps=8
+  assert train._steps_per_call(config, 0) == 2  # tiny: log_every=2, num_train_steps=8
   config.training.log_every = 100
   config.training.num_train_steps = 4000
   config.training.checkpoint_every = 1000
-  assert train._steps_per_call(config, 0, 'gpu') == 10
-  assert train._steps_per_call(config, 995, 'tpu') == 5
-  assert train._steps_per_call(config, 0, 'cpu') == 1
+  assert train._steps_per_call(config, 0) == 10
+  assert train._steps_per_call(config, 995) == 5
 
 
 # ---------------------------------------------------------------------------
@@ -269,7 +268,7 @@ def test_end_to_end_smoke(reference):
 def test_resume_after_sigterm_and_sigkill_is_bitwise_exact(reference, tmp_path, cache_dir):
   ref_dir, _ = reference
   # SIGTERM at step 2: the run saves at the next step boundary and exits 128 + 15.
-  # (One step per call on CPU, so that boundary is step 3.)
+  # (tiny runs one step per call, so that boundary is step 3.)
   code, _, err = _run(tmp_path, cache_dir, SIGNAL_AT_LOG=f'2:{int(signal.SIGTERM)}')
   assert code == 128 + signal.SIGTERM, err
   assert checkpoint.saved_steps(str(tmp_path)) == [3]
