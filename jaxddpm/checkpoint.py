@@ -17,6 +17,13 @@ has just the `params` item and optionally `ema_params`.
 A checkpoint folder only appears under its final name once every process has
 finished writing it, so a run killed mid-save leaves the previous checkpoint as
 the latest complete one.
+
+Damage that happens after a save (a flipped byte, a deleted manifest, a stray
+empty step folder, a NaN that slipped into the weights) is caught on restore:
+`Checkpointer.restore_newest_good` and `load_params` read checkpoints newest
+first, reject any that cannot be read or hold a non-finite value, and say which
+ones they skipped and why. Training moves rejected checkpoints out of the way
+(`quarantine`, to `workdir/checkpoints.damaged/`) instead of deleting them.
 """
 
 from __future__ import annotations
@@ -24,14 +31,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any
+import shutil
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 PyTree = Any
 
 CHECKPOINT_DIR = 'checkpoints'
+DAMAGED_DIR = 'checkpoints.damaged'
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be written or used; the message says which and why."""
 
 
 class _OrbaxInfoFilter(logging.Filter):
@@ -48,6 +62,36 @@ logging.getLogger('absl').addFilter(_OrbaxInfoFilter())
 def checkpoint_dir(workdir: str) -> str:
   """Returns `workdir/checkpoints` as an absolute path (Orbax requires one)."""
   return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+  """`Type: first line of the message`, shortened: Orbax and TensorStore errors run to pages."""
+  lines = str(error).strip().splitlines()
+  text = f'{type(error).__name__}: {lines[0] if lines else ""}'.rstrip(': ')
+  return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+@jax.jit
+def _nonfinite_counts(tree: PyTree) -> dict[str, jax.Array]:
+  """{top-level field: number of NaN/Inf entries in its floating-point leaves}."""
+  def count(sub):
+    leaves = [x for x in jax.tree.leaves(sub) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return sum((jnp.sum(~jnp.isfinite(x)) for x in leaves), jnp.zeros((), jnp.int32))
+  return {name: count(sub) for name, sub in tree.items()}
+
+
+def nonfinite_values(state: PyTree) -> dict[str, int]:
+  """Non-finite entries per field of a state (dataclass or dict), only fields that have any.
+
+  All processes must call it (it runs one small jitted reduction over global arrays).
+  """
+  fields = {k: v for k, v in _fields(state).items() if jax.tree.leaves(v)}
+  counts = jax.device_get(_nonfinite_counts(fields))
+  return {name: int(n) for name, n in counts.items() if int(n)}
+
+
+def describe_nonfinite(counts: dict[str, int]) -> str:
+  return ', '.join(f'{n} in {name}' for name, n in sorted(counts.items()))
 
 
 _PARAM_ITEMS = ('params', 'ema_params')
@@ -87,6 +131,22 @@ def _is_empty(tree: PyTree) -> bool:
   return not jax.tree.leaves(tree)
 
 
+def _path_names(path) -> tuple[str, ...]:
+  # Orbax's metadata turns NamedTuples into dicts and tuples into lists, so compare names only.
+  names = []
+  for key in path:
+    for attr in ('key', 'idx', 'name'):
+      if hasattr(key, attr):
+        names.append(str(getattr(key, attr)))
+        break
+  return tuple(names)
+
+
+def _leaf_layout(tree: PyTree) -> dict[tuple[str, ...], tuple[int, ...]]:
+  return {_path_names(path): tuple(leaf.shape)
+          for path, leaf in jax.tree.flatten_with_path(tree)[0]}
+
+
 class Checkpointer:
   """Saves and restores a training state under `directory`, keeping the latest `keep`.
 
@@ -97,6 +157,9 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    if int(keep) < 1:
+      # Orbax reads max_to_keep=0 as "delete every checkpoint", old ones included.
+      raise ValueError(f'keep = {keep}: at least one checkpoint must be kept')
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
@@ -179,13 +242,116 @@ class Checkpointer:
         int(step), args=ocp.args.Composite(**{name: ocp.args.StandardRestore(abstract)}))
     return restored[name]
 
+  def layout_differences(self, step: int, abstract_state: PyTree) -> list[str]:
+    """How the saved items of `step` differ from `abstract_state`'s, from metadata only.
+
+    Compares every leaf's path and shape, e.g. a U-Net of another width or an
+    optimizer chain with another structure (which Orbax reports only as a
+    page-long "Structure mismatch"). Returns ['params/Conv_0/kernel: saved
+    (3, 3, 1, 16), wanted (3, 3, 1, 32)', ...], empty when they fit.
+    """
+    diffs = []
+    for name, tree in _state_items(abstract_state).items():
+      if _is_empty(tree):
+        continue
+      saved, wanted = _leaf_layout(self.item_shapes(step, name)), _leaf_layout(tree)
+      for path in sorted(set(saved) | set(wanted)):
+        if saved.get(path) != wanted.get(path):
+          where = '/'.join((name, *path))
+          diffs.append(f'{where}: saved {saved.get(path, "nothing")}, '
+                       f'wanted {wanted.get(path, "nothing")}')
+    return diffs
+
+  def restore_newest_good(self, abstract_state: PyTree, *,
+                          check: Callable[[int], None] | None = None
+                          ) -> tuple[int | None, PyTree | None, list[tuple[int, str]]]:
+    """Restores the newest checkpoint that reads back whole and finite.
+
+    Tries the saved steps newest first. A checkpoint is rejected when Orbax
+    cannot restore it into `abstract_state` (missing items or manifests,
+    garbage in a data file, a stray empty step folder) or when any of its
+    floating-point values is NaN/Inf. `check(step)` may raise `CheckpointError`
+    to reject a step before it is read (e.g. a lost item); any other exception
+    it raises (a config that does not fit) propagates.
+
+    Returns:
+      (step, state, rejected): the step and state restored (None, None when
+      no checkpoint is usable), and [(step, reason)] for the newer ones
+      rejected, newest first.
+    """
+    rejected = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        if check is not None:
+          check(step)
+      except CheckpointError as e:
+        rejected.append((step, str(e)))
+        continue
+      try:
+        state = self.restore(step, abstract_state)
+      except Exception as e:  # pylint: disable=broad-except
+        # Orbax and TensorStore raise many types for damaged files; all mean "unreadable".
+        rejected.append((step, f'cannot be read ({first_line(e)})'))
+        continue
+      bad = nonfinite_values(state)
+      if bad:
+        rejected.append((step, f'holds non-finite values ({describe_nonfinite(bad)})'))
+        continue
+      return step, state, rejected
+    return None, None, rejected
+
+  def quarantine(self, steps: list[int], workdir: str) -> str:
+    """Moves checkpoints `steps` to workdir/checkpoints.damaged/ (nothing is deleted).
+
+    They would otherwise stay the "latest" checkpoint and block new saves at
+    their steps. Process 0 moves; every process must call this.
+    Returns the folder they went to.
+    """
+    target = os.path.join(os.path.abspath(workdir), DAMAGED_DIR)
+    if jax.process_index() == 0:
+      os.makedirs(target, exist_ok=True)
+      for step in steps:
+        source = os.path.join(self.directory, str(step))
+        if not os.path.isdir(source):
+          source = os.path.join(self.directory, f'{step:09d}')
+        name = os.path.basename(source)
+        dest = os.path.join(target, name)
+        suffix = 1
+        while os.path.exists(dest):
+          dest = os.path.join(target, f'{name}.{suffix}')
+          suffix += 1
+        shutil.move(source, dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices('jaxddpm_checkpoint_quarantine')
+    self._manager.reload()
+    return target
+
+  def check_for_errors(self) -> None:
+    """Raises `CheckpointError` (one line) if an asynchronous save has failed. Does not block."""
+    try:
+      self._manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f'saving a checkpoint failed: {first_line(e)}') from e
+
   def wait(self) -> None:
-    """Blocks until pending asynchronous saves are complete."""
-    self._manager.wait_until_finished()
+    """Blocks until pending asynchronous saves are complete.
+
+    Raises:
+      CheckpointError: one of them failed (e.g. the disk is full).
+    """
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f'saving a checkpoint failed: {first_line(e)}') from e
+    self.check_for_errors()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for pending saves (raising `CheckpointError` if one failed) and closes."""
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
   def __enter__(self) -> Checkpointer:
     return self
@@ -226,27 +392,67 @@ def save_params(workdir: str, params: PyTree, *, step: int = 0,
     ckpt.save(step, state, force=True)
 
 
-def load_params(workdir: str, *, ema: bool = True, step: int | None = None) -> PyTree:
-  """Loads model parameters from the latest (or the given) checkpoint in `workdir`.
+def _read_params(ckpt: Checkpointer, step: int, ema: bool) -> tuple[str, PyTree]:
+  """Reads the parameter item of checkpoint `step`: (item name, params)."""
+  names = ckpt.item_names(step)
+  if ema and _OTHER_ITEM in names and 'ema_params' not in names:
+    # A training checkpoint always has EMA parameters: its item is lost, not absent by design.
+    raise CheckpointError('is missing its ema_params item')
+  name = 'ema_params' if ema and 'ema_params' in names else 'params'
+  if name not in names:
+    raise CheckpointError(f'has no parameters (items: {names})')
+  return name, ckpt.restore_item(step, name)
 
-  Works for full training checkpoints and params-only ones alike, reading only
-  the parameter item. With `ema=True` the EMA parameters are returned when the
-  checkpoint has them, else the raw parameters.
 
-  Returns: nested dict of float32 jax arrays (the Flax params collection as
-  saved, e.g. {'params': {...}} or the inner dict, whatever was saved).
-  """
+def load_params_and_step(workdir: str, *, ema: bool = True,
+                         step: int | None = None) -> tuple[PyTree, int]:
+  """`load_params`, also returning the step of the checkpoint it read."""
   directory = checkpoint_dir(workdir)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'No checkpoint directory {directory}.')
   with Checkpointer(directory, async_save=False) as ckpt:
-    if step is None:
-      step = ckpt.latest_step()
-      if step is None:
-        raise FileNotFoundError(f'No checkpoint in {ckpt.directory}.')
-    names = ckpt.item_names(step)
-    name = 'ema_params' if ema and 'ema_params' in names else 'params'
-    if name not in names:
-      raise FileNotFoundError(
-          f'Checkpoint {step} in {ckpt.directory} has no parameters (items: {names}).')
-    return ckpt.restore_item(step, name)
+    steps = [int(step)] if step is not None else sorted(ckpt.all_steps(), reverse=True)
+    if not steps:
+      raise FileNotFoundError(f'No checkpoint in {ckpt.directory}.')
+    rejected = []
+    for s in steps:
+      try:
+        name, params = _read_params(ckpt, s, ema)
+      except CheckpointError as e:
+        rejected.append((s, str(e)))
+        continue
+      except Exception as e:  # pylint: disable=broad-except
+        rejected.append((s, f'cannot be read ({first_line(e)})'))
+        continue
+      bad = nonfinite_values({name: params})
+      if bad:
+        rejected.append((s, f'holds non-finite values ({describe_nonfinite(bad)})'))
+        continue
+      for r_step, reason in rejected:
+        logging.getLogger('absl').warning(
+            'Checkpoint %d in %s %s; using checkpoint %d.', r_step, ckpt.directory, reason, s)
+      return params, s
+  if step is not None:
+    raise CheckpointError(f'Checkpoint {step} in {directory} {rejected[0][1]}.')
+  raise CheckpointError(f'No usable checkpoint in {directory}: ' + '; '.join(
+      f'checkpoint {s} {reason}' for s, reason in rejected) + '.')
+
+
+def load_params(workdir: str, *, ema: bool = True, step: int | None = None) -> PyTree:
+  """Loads model parameters from the newest usable (or the given) checkpoint in `workdir`.
+
+  Works for full training checkpoints and params-only ones alike, reading only
+  the parameter item. With `ema=True` the EMA parameters are returned when the
+  checkpoint has them, else the raw parameters (params-only checkpoints; a
+  training checkpoint that lost its EMA item is rejected instead). Without
+  `step`, a checkpoint that cannot be read or holds NaN/Inf is skipped with a
+  warning naming it, and the next older one is used.
+
+  Returns: nested dict of float32 jax arrays (the Flax params collection as
+  saved, e.g. {'params': {...}} or the inner dict, whatever was saved).
+
+  Raises:
+    FileNotFoundError: no checkpoint at all.
+    CheckpointError: no usable checkpoint (or the given `step` is unusable); says why.
+  """
+  return load_params_and_step(workdir, ema=ema, step=step)[0]

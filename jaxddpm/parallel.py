@@ -120,3 +120,11 @@ def host_to_global(batch: Any, mesh: jax.sharding.Mesh, *, batch_axis: int = 0) 
 def is_main_process() -> bool:
   """True on process 0, the one that writes logs and images."""
   return jax.process_index() == 0
+
+
+def any_process(flag: bool) -> bool:
+  """Whether `flag` is true on any process (a host sync when there are several)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.array(flag))))

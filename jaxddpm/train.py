@@ -28,13 +28,9 @@ evaluation hook.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import signal
-import sys
-import tempfile
-import threading
 import time
 from typing import Any, Callable
 
@@ -56,13 +52,10 @@ from jaxddpm import parallel
 from jaxddpm import runtime
 from jaxddpm import samplers
 from jaxddpm import schedules
+from jaxddpm import train_io
+from jaxddpm import workdir as workdir_lib
 
 PyTree = Any
-
-# Sections of config.json that must match for a workdir's checkpoints to be resumed.
-COMPATIBLE_SECTIONS = ('model', 'diffusion', 'data')
-# data fields that say where data lives, not what it is: allowed to change on resume.
-_RELOCATABLE_DATA_FIELDS = ('data_dir',)
 
 
 class TrainError(Exception):
@@ -155,7 +148,8 @@ def make_train_step(config, model, schedule: schedules.Schedule) -> Callable:
 
   Returns:
     The state after k steps, and metrics: dict of float32 [k] (loss, mse,
-    grad_norm, lr, and vb for VLB losses), one entry per step.
+    grad_norm, lr, vb for VLB losses, and finite: 1 when the loss, the
+    gradient norm and the updated parameters are all finite), one entry per step.
 
   Class-conditional models get the labels as `y`; with train=True the U-Net
   itself replaces each label by the null class with probability
@@ -198,11 +192,16 @@ def make_train_step(config, model, schedule: schedules.Schedule) -> Callable:
     timestep_state = state.timestep_state
     if loss_aware:
       timestep_state = diffusion.loss_aware_update(timestep_state, t, terms['loss'])
+    grad_norm = optax.tree.norm(grads)
+    # The loss of step k is computed before its update, so a bad update shows only in the
+    # new parameters; `finite` lets the loop refuse to save (or continue from) such a state.
+    params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
     metrics = {
         'loss': loss,
         'mse': jnp.mean(terms['mse']),
-        'grad_norm': optax.global_norm(grads),
+        'grad_norm': grad_norm,
         'lr': jnp.asarray(lr_schedule(state.step), jnp.float32),
+        'finite': (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite).astype(jnp.float32),
     }
     if 'vb' in terms:
       metrics['vb'] = jnp.mean(terms['vb'])
@@ -320,24 +319,6 @@ def evaluate(config, model, schedule: schedules.Schedule, state: TrainState, mes
 # Checks before any compute.
 
 
-def _config_json(config) -> dict:
-  return json.loads(config.to_json_best_effort())
-
-
-def _comparable(section_name: str, section: dict) -> dict:
-  if section_name == 'data':
-    return {k: v for k, v in section.items() if k not in _RELOCATABLE_DATA_FIELDS}
-  return section
-
-
-def _diff_keys(old: dict, new: dict, prefix: str) -> list[str]:
-  diffs = []
-  for key in sorted(set(old) | set(new)):
-    if old.get(key) != new.get(key):
-      diffs.append(f'{prefix}.{key}: {old.get(key)!r} (saved) vs {new.get(key)!r}')
-  return diffs
-
-
 def check_config(config) -> None:
   """Raises TrainError for a config that cannot train, before any compute.
 
@@ -362,145 +343,6 @@ def check_config(config) -> None:
     raise TrainError('training.log_every must be positive.')
   if int(config.training.sample_every) > 0 and int(config.training.num_sample_grid) <= 0:
     raise TrainError('training.num_sample_grid must be positive when sample_every > 0.')
-
-
-def check_workdir(config, workdir: str) -> None:
-  """Raises TrainError when `workdir` is unwritable or holds a different run's checkpoints."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir, prefix='.write_test'):
-      pass
-  except OSError as e:
-    raise TrainError(f'Cannot write to workdir {workdir!r}: {e}') from e
-  if not checkpoint.saved_steps(workdir):
-    return
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    return  # nothing to compare with; the parameter shapes are checked on restore
-  with open(path) as f:
-    try:
-      saved = json.load(f)
-    except json.JSONDecodeError as e:
-      raise TrainError(f'{path} is not valid JSON ({e}); cannot check it matches this run.') from e
-  current = _config_json(config)
-  diffs = []
-  for section in COMPATIBLE_SECTIONS:
-    diffs += _diff_keys(_comparable(section, saved.get(section, {})),
-                        _comparable(section, current.get(section, {})), section)
-  if diffs:
-    raise TrainError(
-        f'Workdir {workdir!r} holds checkpoints of a different run; its config.json differs in '
-        + '; '.join(diffs) + '. Use a new workdir (or delete the old one) to train this config.')
-
-
-def _check_restorable(ckpt: checkpoint.Checkpointer, step: int, abstract: TrainState,
-                      workdir: str) -> None:
-  """Checks the saved checkpoint's items and parameter shapes against this run's model."""
-  names = ckpt.item_names(step)
-  if 'train' not in names:
-    raise TrainError(
-        f'Checkpoint {step} in {workdir!r} holds parameters only (no optimizer state), '
-        'so training cannot resume from it. Use a new workdir.')
-  saved = ckpt.item_shapes(step, 'params')
-  want = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract.params)
-  same_tree = jax.tree.structure(saved) == jax.tree.structure(want)
-  if not same_tree or any(a.shape != b.shape for a, b in
-                          zip(jax.tree.leaves(saved), jax.tree.leaves(want))):
-    raise TrainError(
-        f'Checkpoint {step} in {workdir!r} holds a different model (parameter shapes '
-        'differ from this config). Use a new workdir.')
-
-
-# ---------------------------------------------------------------------------
-# Logging.
-
-
-class _MetricWriter:
-  """metrics.jsonl + TensorBoard events in the workdir (process 0 only)."""
-
-  def __init__(self, workdir: str, enabled: bool):
-    self.enabled = enabled
-    if not enabled:
-      return
-    import tensorboardX  # pylint: disable=g-import-not-at-top
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-    self._tb = tensorboardX.SummaryWriter(workdir)
-
-  def write(self, step: int, metrics: dict[str, float]) -> None:
-    if not self.enabled:
-      return
-    self._jsonl.write(json.dumps({'step': int(step), **metrics}) + '\n')
-    self._jsonl.flush()
-    for k, v in metrics.items():
-      self._tb.add_scalar(k, v, int(step))
-    self._tb.flush()
-
-  def image(self, step: int, tag: str, grid: np.ndarray) -> None:
-    if self.enabled:
-      self._tb.add_image(tag, grid, int(step), dataformats='HWC')
-
-  def close(self) -> None:
-    if self.enabled:
-      self._jsonl.close()
-      self._tb.close()
-
-
-class _Progress:
-  """A tqdm bar on a terminal, plain log lines otherwise."""
-
-  def __init__(self, start: int, total: int, enabled: bool):
-    self._bar = None
-    if enabled and sys.stderr.isatty():
-      import tqdm  # pylint: disable=g-import-not-at-top
-      self._bar = tqdm.tqdm(total=total, initial=start, unit='step', dynamic_ncols=True)
-    self.enabled = enabled
-    self.total = total
-
-  def advance(self, n: int) -> None:
-    if self._bar is not None:
-      self._bar.update(n)
-
-  def log(self, step: int, metrics: dict[str, float]) -> None:
-    if self._bar is not None:
-      self._bar.set_postfix(loss=f'{metrics["loss"]:.4f}', refresh=False)
-    elif self.enabled:
-      logging.info('step %d/%d  loss %.5f  grad_norm %.3f  lr %.2e  %.2f steps/s  %.1f images/s',
-                   step, self.total, metrics['loss'], metrics['grad_norm'], metrics['lr'],
-                   metrics['steps_per_sec'], metrics['images_per_sec'])
-
-  def close(self) -> None:
-    if self._bar is not None:
-      self._bar.close()
-
-
-class _StopSignal:
-  """Records SIGTERM/SIGINT; the loop saves a checkpoint at the next step boundary and stops."""
-
-  def __init__(self):
-    self.signum = None
-    self._previous = {}
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    self.signum = signum
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-  def requested(self) -> bool:
-    """Whether any process was signalled (all processes must stop at the same step)."""
-    local = self.signum is not None
-    if jax.process_count() == 1:
-      return local
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return bool(np.any(multihost_utils.process_allgather(np.array(local))))
 
 
 # ---------------------------------------------------------------------------
@@ -536,28 +378,92 @@ def _host_metrics(pending: list[tuple[int, dict[str, jax.Array]]]) -> tuple[list
   return steps, {k: np.concatenate(v) for k, v in values.items()}
 
 
-def _check_finite(steps: list[int], values: dict[str, np.ndarray], last_saved: int | None) -> None:
-  bad = ~np.isfinite(values['loss'])
-  if bad.any():
-    i = int(np.argmax(bad))
-    kept = ('the last checkpoint (step %d) is intact' % last_saved if last_saved is not None
+def _first_bad_step(steps: list[int], values: dict[str, np.ndarray], last_saved: int | None) -> None:
+  """Raises NonFiniteLossError at the first step whose loss, gradient or new parameters
+  are not finite; nothing of that state is saved."""
+  bad = values['finite'] < 0.5
+  if not bad.any():
+    return
+  i = int(np.argmax(bad))
+  kept = (f'the last checkpoint (step {last_saved}) is intact' if last_saved is not None
+          else 'no checkpoint was written')
+  if not np.isfinite(values['loss'][i]):
+    what = f'Loss is {values["loss"][i]} at step {steps[i]}'
+  elif not np.isfinite(values['grad_norm'][i]):
+    what = f'The gradient norm is {values["grad_norm"][i]} at step {steps[i]}'
+  else:
+    what = f'The update of step {steps[i]} made the parameters non-finite'
+  raise NonFiniteLossError(
+      f'{what}; training stopped without saving it and {kept}. '
+      'Try a lower optim.lr, a stronger optim.grad_clip or float32 compute.')
+
+
+def _describe_run(config, abstract: TrainState, pipeline, workdir: str,
+                  resumed: int | None) -> None:
+  """The first log lines: what is trained, on what, from where."""
+  num_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract.params))
+  devices = jax.devices()
+  logging.info('Training %s: %s parameters, %d %s device(s) in %d process(es), global batch %d.',
+               config.model.get('name', 'unet'), f'{num_params:,}', len(devices),
+               devices[0].platform, jax.process_count(), int(config.training.batch_size))
+  logging.info('Data: %s, split %r, %d images of %dx%dx%d.', config.data.dataset,
+               config.data.split, len(pipeline.source), int(config.data.image_size),
+               int(config.data.image_size), int(config.data.channels))
+  start = (f'resuming from checkpoint {resumed}' if resumed is not None
+           else 'starting from step 0')
+  logging.info('Workdir %s: %s, training to step %d. Logs: metrics.jsonl there; '
+               'TensorBoard: pip install tensorboard && tensorboard --logdir %s', workdir,
+               start, int(config.training.num_train_steps), workdir)
+
+
+def _evaluate_and_log(config, model, schedule, state, mesh, workdir, writer, step) -> None:
+  logging.info('Evaluating at step %d (held-out bits/dim, %d samples for FID-style metrics)...',
+               step, int(config.eval.num_samples))
+  began = time.perf_counter()
+  results = evaluate(config, model, schedule, state, mesh, workdir)
+  figures = ', '.join(f'{name} {value:.4g}' for name, value in sorted(results.items()))
+  logging.info('Evaluation at step %d took %.0f s: %s.', step, time.perf_counter() - began,
+               figures or 'no metric applies to this config')
+  if results:
+    writer.write(step, {f'eval/{name}': float(v) for name, v in results.items()})
+
+
+def _save(ckpt: checkpoint.Checkpointer, step: int, state: TrainState,
+          last_saved: int | None) -> None:
+  """Saves a finite state; a non-finite one (e.g. NaN in the Adam moments) never reaches disk."""
+  bad = checkpoint.nonfinite_values(state)
+  if bad:
+    kept = (f'the last checkpoint (step {last_saved}) is intact' if last_saved is not None
             else 'no checkpoint was written')
     raise NonFiniteLossError(
-        f'Loss is {values["loss"][i]} at step {steps[i]}; training stopped and {kept}. '
-        'Try a lower optim.lr, a stronger optim.grad_clip or float32 compute.')
+        f'The state at step {step} holds non-finite values ({checkpoint.describe_nonfinite(bad)}); '
+        f'it was not saved and {kept}.')
+  ckpt.save(step, state, force=True)
+
+
+def _save_failed(error: checkpoint.CheckpointError, step: int | None, workdir: str) -> TrainError:
+  good = checkpoint.saved_steps(workdir)
+  return TrainError(
+      f'Checkpoint {step}: {error}. The last good checkpoint is '
+      + (f'step {good[-1]}' if good else 'none') + '; free the space (or fix the cause) and '
+      'rerun the same command to resume from it.')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint.
+  """Trains `config` in `workdir`, resuming from its newest good checkpoint.
 
-  Returns a summary: {'step': last step, 'loss': last logged loss,
+  Returns a summary: {'step': last step, 'loss': mean loss of the last logged
+  interval (None when no step ran), 'trained_steps': steps run by this call,
   'train_step_traces': times the train step was traced (1), 'stopped_by':
   signal number or None}.
 
   Raises:
-    TrainError: the config or workdir cannot work (before any compute), or
-      the loss became non-finite (`NonFiniteLossError`).
+    TrainError: the config or workdir cannot work (before any compute), the
+      workdir is locked by another run, no checkpoint can be resumed, a save
+      failed, or training diverged (`NonFiniteLossError`).
   """
+  if not str(workdir).strip():
+    raise TrainError('workdir is empty; name the run directory, e.g. --workdir=runs/NAME.')
   workdir = os.path.abspath(workdir)
   check_config(config)
   try:
@@ -565,9 +471,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         config, process_index=jax.process_index(), process_count=jax.process_count())
   except data_lib.DatasetError as e:
     raise TrainError(str(e)) from e
-  check_workdir(config, workdir)
-  main = parallel.is_main_process()
+  try:
+    workdir_lib.check_writable(workdir)
+  except workdir_lib.WorkdirError as e:
+    raise TrainError(str(e)) from e
+  try:
+    lock = workdir_lib.lock(workdir)
+  except workdir_lib.WorkdirError as e:
+    raise TrainError(str(e)) from e
+  try:
+    return _train_locked(config, workdir, pipeline)
+  finally:
+    if lock is not None:
+      lock.release()
 
+
+def _train_locked(config, workdir: str, pipeline) -> dict[str, Any]:
+  try:
+    workdir_lib.check_compatible(config, workdir,
+                                 has_checkpoints=bool(checkpoint.saved_steps(workdir)))
+  except workdir_lib.WorkdirError as e:
+    raise TrainError(str(e)) from e
+  main = parallel.is_main_process()
   mesh = parallel.make_mesh()
   replicated = parallel.replicated(mesh)
   model = models.create_model(config)
@@ -582,21 +507,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir),
                                  keep=int(config.training.keep_checkpoints))
-  writer = None
-  progress = None
-  batches = None
+  writer = progress = batches = None
   try:
-    latest = ckpt.latest_step()
-    if latest is not None:
-      _check_restorable(ckpt, latest, abstract, workdir)
-      state = ckpt.restore(latest, abstract)
-      logging.info('Resumed from checkpoint %d in %s.', latest, ckpt.directory)
-    else:
-      state = init_fn(jax.random.PRNGKey(int(config.seed)))
+    try:
+      restored = workdir_lib.restore_newest(ckpt, abstract, workdir)
+    except workdir_lib.WorkdirError as e:
+      raise TrainError(str(e)) from e
+    latest = None if restored is None else restored[0]
+    _describe_run(config, abstract, pipeline, workdir, latest)
+    state = init_fn(jax.random.PRNGKey(int(config.seed))) if restored is None else restored[1]
     if main:
-      with open(os.path.join(workdir, 'config.json'), 'w') as f:
-        f.write(config.to_json_best_effort(indent=2))
-        f.write('\n')
+      try:
+        workdir_lib.write_config(workdir, config)
+      except workdir_lib.WorkdirError as e:
+        raise TrainError(str(e)) from e
 
     step = int(jax.device_get(state.step))
     total = int(config.training.num_train_steps)
@@ -620,17 +544,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       sample_grid = make_grid_sampler(config, model, schedule, mesh)
     grid_key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 0x9121D)
 
-    writer = _MetricWriter(workdir, main)
-    progress = _Progress(step, total, main)
+    writer = train_io.MetricWriter(workdir, main)
+    progress = train_io.Progress(step, total, main)
     t = config.training
-    last_saved = latest
-    last_loss = None
+    start_step = step
+    last_saved, saving = latest, None
+    logged_loss = None
     pending = []
     log_time, log_step = time.perf_counter(), step
     batches = pipeline.iterate(step)
     stopped_by = None
-    with _StopSignal() as stop:
+    with train_io.StopSignal() as stop:
       while step < total:
+        try:
+          ckpt.check_for_errors()  # a failed background save surfaces here, at once
+        except checkpoint.CheckpointError as e:
+          raise _save_failed(e, saving, workdir) from e
         n = min(k, total - step)
         host = data_lib.stack_batches([next(batches) for _ in range(n)])
         state, metrics = step_fn(state, parallel.host_to_global(host, mesh, batch_axis=1))
@@ -646,20 +575,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if log_now or save_now or stop_now:
           steps, values = _host_metrics(pending)
           pending = []
-          _check_finite(steps, values, last_saved)
-          last_loss = float(values['loss'][-1])
+          _first_bad_step(steps, values, last_saved)
           if log_now:
             now = time.perf_counter()
             rate = (step - log_step) / max(now - log_time, 1e-9)
-            logged = {name: float(np.mean(v[-(step - log_step):])) for name, v in values.items()}
+            logged = {name: float(np.mean(v[-(step - log_step):]))
+                      for name, v in values.items() if name != 'finite'}
             logged['lr'] = float(values['lr'][-1])
             logged.update(steps_per_sec=rate, images_per_sec=rate * int(t.batch_size))
             writer.write(step, logged)
             progress.log(step, logged)
+            logged_loss = (logged['loss'], step - log_step)
             log_time, log_step = now, step
         if save_now or stop_now:
-          ckpt.save(step, state, force=True)
-          last_saved = step
+          _save(ckpt, step, state, last_saved)
+          last_saved = saving = step
+        paused = time.perf_counter()
         if sample_grid is not None and _crossed(before, step, int(t.sample_every)):
           images = sample_grid(state.ema_params, grid_key)
           if main:
@@ -667,28 +598,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             save_image_grid(images, os.path.join(workdir, 'samples', f'step_{step:06d}.png'))
             writer.image(step, 'samples', image_grid(images))
         if _crossed(before, step, int(t.eval_every)):
-          results = evaluate(config, model, schedule, state, mesh, workdir)
-          if results:
-            writer.write(step, {f'eval/{name}': float(v) for name, v in results.items()})
+          _evaluate_and_log(config, model, schedule, state, mesh, workdir, writer, step)
+        # Sample grids and evaluations are not training: keep them out of steps/s and the ETA.
+        log_time += time.perf_counter() - paused
         if stop_now:
           stopped_by = stop.signum if stop.signum is not None else signal.SIGTERM
           logging.warning('Stopped by signal at step %d; checkpoint saved.', step)
           break
     if pending:
       steps, values = _host_metrics(pending)
-      _check_finite(steps, values, last_saved)
+      _first_bad_step(steps, values, last_saved)
     if step not in ckpt.all_steps() and stopped_by is None:
-      ckpt.save(step, state, force=True)
-    ckpt.wait()
+      _save(ckpt, step, state, last_saved)
+      saving = step
+    try:
+      ckpt.wait()
+    except checkpoint.CheckpointError as e:
+      raise _save_failed(e, saving, workdir) from e
     if traces[0] > 1:
       logging.warning('The train step was traced %d times (expected once).', traces[0])
-    return {'step': step, 'loss': last_loss, 'train_step_traces': traces[0],
+    _log_finish(step, total, start_step, logged_loss)
+    return {'step': step, 'loss': None if logged_loss is None else logged_loss[0],
+            'trained_steps': step - start_step, 'train_step_traces': traces[0],
             'stopped_by': stopped_by}
   finally:
     if batches is not None:
       batches.close()  # stops the prefetching threads
-    ckpt.close()
+    try:
+      ckpt.close()
+    except checkpoint.CheckpointError as e:
+      # Already reported by ckpt.wait() above, or another error is on its way out.
+      logging.warning('While closing the checkpointer: %s', e)
     if writer is not None:
       writer.close()
     if progress is not None:
       progress.close()
+
+
+def _log_finish(step: int, total: int, start_step: int, logged_loss) -> None:
+  if step == start_step:
+    logging.info('Nothing to train: the workdir is at step %d and training.num_train_steps '
+                 'is %d. Raise it to train longer.', step, total)
+  elif logged_loss is None:
+    logging.info('Finished at step %d (trained %d steps, fewer than training.log_every).',
+                 step, step - start_step)
+  else:
+    logging.info('Finished at step %d: mean loss %.5f over the last %d steps.',
+                 step, logged_loss[0], logged_loss[1])

@@ -387,7 +387,8 @@ def test_bad_config_fails_before_compute(reference, tmp_path, monkeypatch, chang
   assert _tree_digest(workdir) == before
 
 
-def test_different_model_without_config_json(reference, tmp_path, monkeypatch):
+def test_checkpoints_without_config_json_are_not_resumed(reference, tmp_path, monkeypatch):
+  # Nothing would say which diffusion the checkpoints were trained with: refuse to guess.
   ref_dir, _ = reference
   workdir = tmp_path / 'run'
   shutil.copytree(ref_dir, workdir)
@@ -395,8 +396,28 @@ def test_different_model_without_config_json(reference, tmp_path, monkeypatch):
   before = _tree_digest(workdir)
   monkeypatch.setattr(train, 'make_train_step', lambda *a, **k: pytest.fail('compute'))
   config = _configure(tiny.get_config(), BASE)
+  config.diffusion.beta_end = 0.03
+  with pytest.raises(train.TrainError, match='holds checkpoints but no config.json'):
+    train.train_and_evaluate(config, str(workdir))
+  assert _tree_digest(workdir) == before
+
+
+def test_changed_model_or_optimizer_structure_is_named(reference, tmp_path, monkeypatch):
+  ref_dir, _ = reference
+  workdir = tmp_path / 'run'
+  shutil.copytree(ref_dir, workdir)
+  os.remove(workdir / 'config.json')  # so only the checkpoint itself can tell
+  monkeypatch.setattr(train, 'make_train_step', lambda *a, **k: pytest.fail('compute'))
+  monkeypatch.setattr(train.workdir_lib, 'check_compatible', lambda *a, **k: None)
+  before = _tree_digest(workdir)
+  config = _configure(tiny.get_config(), BASE)
   config.model.ch = 32
-  with pytest.raises(train.TrainError, match='different model'):
+  with pytest.raises(train.TrainError, match=r'Checkpoint 8 .* holds a different model '
+                     r'.*params/conv_in/bias: saved \(16,\), wanted \(32,\)'):
+    train.train_and_evaluate(config, str(workdir))
+  config = _configure(tiny.get_config(), BASE)
+  config.optim.grad_clip = 0.0  # Adam without the clipping stage: another optax state tree
+  with pytest.raises(train.TrainError, match='optimizer state of another structure'):
     train.train_and_evaluate(config, str(workdir))
   assert _tree_digest(workdir) == before
 

@@ -7,6 +7,9 @@ Environment:
   JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID: multi-process run.
   SIGNAL_AT_LOG=S:SIG: send signal SIG to this process when the metrics of step S are written.
   NAN_AT_BATCH=S: the batch of step S (0-based) is all NaN.
+  NAN_UPDATE_AT=S: the optimizer update of step S (0-based) is NaN, its loss still finite.
+  FAIL_SAVE_AT=S: the background write of checkpoint S fails as on a full disk.
+  FAIL_CONFIG_WRITE=1: writing config.json fails midway (ENOSPC).
   MOCK_TFDS=N: run under tfds.testing.mock_data(num_examples=N).
 
 Prints 'SUMMARY <json>' at the end; a TrainError prints its message to stderr and exits 1,
@@ -26,20 +29,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import tiny  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxddpm import data  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxddpm import parallel  # noqa: E402  pylint: disable=g-import-not-at-top
+from jaxddpm import train_io  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def _install_faults(train):
   env = os.environ
   if 'SIGNAL_AT_LOG' in env:
     step, signum = (int(v) for v in env['SIGNAL_AT_LOG'].split(':'))
-    write = train._MetricWriter.write  # pylint: disable=protected-access
+    write = train_io.MetricWriter.write
 
     def write_then_signal(self, at_step, metrics):
       write(self, at_step, metrics)
       if at_step == step:
         os.kill(os.getpid(), signum)
 
-    train._MetricWriter.write = write_then_signal  # pylint: disable=protected-access
+    train_io.MetricWriter.write = write_then_signal
   if 'NAN_AT_BATCH' in env:
     nan_step = int(env['NAN_AT_BATCH'])
     batch = data.Pipeline.batch
@@ -51,6 +55,70 @@ def _install_faults(train):
       return out
 
     data.Pipeline.batch = nan_batch
+  if 'NAN_UPDATE_AT' in env:
+    _nan_update_at(train, int(env['NAN_UPDATE_AT']))
+  if 'FAIL_SAVE_AT' in env:
+    _fail_save_at(int(env['FAIL_SAVE_AT']))
+  if 'FAIL_CONFIG_WRITE' in env:
+    _fail_config_write()
+
+
+def _nan_update_at(train, nan_step):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  make_optimizer = train.make_optimizer
+
+  def poison(count):
+    return jnp.where(count == nan_step, jnp.nan, 1.0)
+
+  def update(updates, count, params=None):
+    del params
+    return jax.tree.map(lambda u: u * poison(count), updates), count + 1
+
+  def with_nan_update(optim_config):
+    return optax.chain(make_optimizer(optim_config), optax.GradientTransformation(
+        lambda params: jnp.zeros((), jnp.int32), update))
+
+  train.make_optimizer = with_nan_update
+
+
+def _fail_save_at(fail_step):
+  import errno  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  async_save = ocp.StandardCheckpointHandler.async_save
+
+  class _DiskFull:
+    def result(self, timeout=None):
+      del timeout
+      raise OSError(errno.ENOSPC, 'No space left on device')
+
+  def failing_async_save(self, directory, *args, **kwargs):
+    futures = async_save(self, directory, *args, **kwargs)
+    if f'{os.sep}{fail_step}{os.sep}' in f'{os.sep}{directory}{os.sep}'.replace('.orbax-checkpoint-tmp', os.sep):
+      return [*(futures or []), _DiskFull()]
+    return futures
+
+  ocp.StandardCheckpointHandler.async_save = failing_async_save
+
+
+def _fail_config_write():
+  import errno  # pylint: disable=g-import-not-at-top
+  from jaxddpm import workdir  # pylint: disable=g-import-not-at-top
+  fsync = os.fsync
+
+  def full_disk(fd):
+    del fd
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+  def write_config(directory, config):
+    os.fsync = full_disk
+    try:
+      return write(directory, config)
+    finally:
+      os.fsync = fsync
+
+  write = workdir.write_config
+  workdir.write_config = write_config
 
 
 def main():
