@@ -3,25 +3,29 @@ r"""Samples from a trained run: `python run_sample.py --workdir=runs/digits`.
 This file is intentionally kept short: it parses flags and calls
 `jaxddpm.sample.sample_run`, where the logic lives. Flags left unset take the
 run's config.sampling values. Writes samples.npz (uint8 images [N, H, W, C],
-labels, PSNR) and grid.png to --output_dir (default workdir/samples/...);
-with --metrics also metrics.json there, and prints the metrics as one JSON line.
+labels, PSNR) and grid.png to --output_dir (default workdir/samples/<a name made
+of the sampling settings and the checkpoint step>), which must not hold outputs
+already; with --metrics also metrics.json there, and prints the metrics as one
+JSON line. A mistake ends as one line `run_sample.py: error: ...` and exit 1.
 
   python run_sample.py --workdir=runs/digits --sampler=ddim --steps=50
   python run_sample.py --workdir=runs/cifar --inpaint_image=img.png --inpaint_mask=mask.png
   python run_sample.py --workdir=runs/digits --num_samples=1000 --metrics=fid,is,kid,bpd
 """
 
-# Before anything starts threads: glibc then keeps freed memory for reuse (jaxddpm.runtime).
+# Before anything starts threads: glibc then keeps freed memory for reuse, unless
+# --noruntime_tuning (jaxddpm.runtime).
+import sys  # pylint: disable=g-bad-import-order
 from jaxddpm import runtime  # pylint: disable=g-bad-import-order
-runtime.keep_freed_host_memory()
+runtime.tune_from_argv(sys.argv)
 
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
 
+from jaxddpm import config_utils
 from jaxddpm import parallel
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (config.json + checkpoints/).')
@@ -52,6 +56,7 @@ _BPD_NUM_EXAMPLES = flags.DEFINE_integer(
     'bpd_num_examples', None, 'Held-out images for bpd (default config.eval.bpd_num_examples; '
     '0: the whole eval split).')
 # --- end evaluation ---
+_RUNTIME_TUNING = runtime.define_flag()
 _DISTRIBUTED = flags.DEFINE_bool('distributed', None,
                                  'Call jax.distributed.initialize() (multi-host).')
 flags.mark_flags_as_required(['workdir'])
@@ -60,6 +65,8 @@ flags.mark_flags_as_required(['workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not _RUNTIME_TUNING.value:
+    runtime.disable()  # also when a --flagfile turned it off, which tune_from_argv cannot read
   parallel.maybe_initialize_distributed(_DISTRIBUTED.value)
   from jaxddpm import evaluation  # pylint: disable=g-import-not-at-top
   from jaxddpm import sample  # pylint: disable=g-import-not-at-top
@@ -78,7 +85,9 @@ def main(argv):
       metrics = evaluation.evaluate_run(
           _WORKDIR.value, result['images'], metrics=_METRICS.value, extractor=extractor,
           bpd_num_examples=_BPD_NUM_EXAMPLES.value)
-  except (sample.SampleError, evaluation.EvaluationError) as e:
+      if parallel.is_main_process():
+        evaluation.write_json(os.path.join(result['output_dir'], 'metrics.json'), metrics)
+  except (sample.SampleError, evaluation.EvaluationError, OSError) as e:
     print(f'run_sample.py: error: {e}', file=sys.stderr)
     sys.exit(1)
   if parallel.is_main_process():
@@ -86,9 +95,8 @@ def main(argv):
     if result['psnr'] is not None:
       print(f'Inpainting PSNR of the filled region: {result["psnr"].mean():.2f} dB')
     if metrics is not None:
-      evaluation.write_json(os.path.join(result['output_dir'], 'metrics.json'), metrics)
       print(json.dumps(evaluation.scalars(metrics), sort_keys=True))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=config_utils.parse_flags)

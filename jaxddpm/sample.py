@@ -3,13 +3,21 @@
 `sample_run(workdir, ...)` loads the run (config.json + the latest checkpoint's
 EMA parameters), builds the sampler from config.sampling (arguments override
 it), splits each batch of samples over a 1-D 'data' mesh of all devices of all
-processes, runs the plan chunk by chunk under a progress bar, and writes
+processes, runs the plan chunk by chunk under a progress bar, checks that every
+sample is finite, and writes
 
   OUTPUT_DIR/samples.npz   images uint8 [N, H, W, C]; labels [N] (conditional models);
                            psnr [N] (inpainting)
   OUTPUT_DIR/grid.png      the first (up to 64) samples
   OUTPUT_DIR/images/*.png  one file per sample, on request
   OUTPUT_DIR/psnr.json     inpainting: PSNR (dB) of the filled region against the input
+
+The default OUTPUT_DIR, workdir/samples/<name>, is named by everything that
+makes the samples (`default_output_dir`), so different settings never share a
+folder. An OUTPUT_DIR that already holds outputs is refused rather than mixed
+with new ones, and it is created and test-written before any sampling, so an
+unwritable path fails in seconds, not after the sampling. Nothing is written
+when a sample is NaN/Inf (a damaged checkpoint or a diverged run).
 
 Batch b starts from fold_in(PRNGKey(seed), b), and the random numbers of a
 sharded array do not depend on the number of devices, so a seed gives the same
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -42,6 +51,8 @@ from jaxddpm import samplers
 from jaxddpm import schedules
 
 GRID_SIZE = 64
+# What `write_outputs` (and run_sample.py's metrics.json) put in an output dir.
+OUTPUT_NAMES = ('samples.npz', 'grid.png', 'images', 'psnr.json', 'metrics.json')
 
 
 class SampleError(ValueError):
@@ -63,20 +74,25 @@ def make_model_fn(model, params) -> Partial:
   return Partial(_Apply(model), params)
 
 
-def _check_checkpoint(workdir: str) -> None:
-  directory = checkpoint.checkpoint_dir(workdir)
-  steps = os.listdir(directory) if os.path.isdir(directory) else []
-  if not any(name.isdigit() for name in steps):
-    raise SampleError(f'no checkpoint in {directory}; train first (run_train.py) or convert '
-                      'weights into this workdir')
+def _latest_step(workdir: str) -> int:
+  """The step of the latest complete checkpoint, the one sampled from (unless it is damaged
+  and `checkpoint.load_params` falls back to an older one, with a warning naming both)."""
+  steps = checkpoint.saved_steps(workdir)
+  if not steps:
+    raise SampleError(f'no checkpoint in {checkpoint.checkpoint_dir(workdir)}; train first '
+                      '(run_train.py) or convert weights into this workdir')
+  return steps[-1]
 
 
 def _load_image(path: str, mode: str) -> np.ndarray:
   from PIL import Image  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
     raise SampleError(f'no such file: {path!r}')
-  with Image.open(path) as image:
-    return np.asarray(image.convert(mode))
+  try:
+    with Image.open(path) as image:
+      return np.asarray(image.convert(mode))
+  except (OSError, ValueError):  # PIL.UnidentifiedImageError is an OSError
+    raise SampleError(f'{path!r} is not a readable image file') from None
 
 
 def load_inpainting_inputs(image_path: str, mask_path: str, image_size: int,
@@ -133,8 +149,9 @@ def _resolve(config, *, sampler, steps, eta, num_samples, batch_size, seed, clas
   num_classes = int(config.model.num_classes)
   if opts['sampler'] not in samplers.SAMPLERS:
     raise SampleError(f'unknown sampler {opts["sampler"]!r}; expected one of {samplers.SAMPLERS}')
-  if not 1 <= opts['steps'] <= num_timesteps:
-    raise SampleError(f'steps = {opts["steps"]} must be in [1, {num_timesteps}] (the run '
+  # Two, not one: a respaced schedule keeps at least two timesteps (`schedules.respace`).
+  if not 2 <= opts['steps'] <= num_timesteps:
+    raise SampleError(f'steps = {opts["steps"]} must be in [2, {num_timesteps}] (the run '
                       f'was trained with {num_timesteps} diffusion timesteps)')
   if not 0.0 <= opts['eta'] <= 1.0:
     raise SampleError(f'eta = {opts["eta"]} must be in [0, 1]')
@@ -182,6 +199,83 @@ def _compiled_run_chunk(mesh, state_treedef, leaf_ndims):
                  compiler_options=runtime.step_compiler_options())
 
 
+def default_output_dir(workdir: str, opts: dict[str, Any], *, step: int,
+                       inpainting: tuple[np.ndarray, np.ndarray] | None = None,
+                       inpaint_resample: int = 1, inpaint_jump_length: int = 10) -> str:
+  """workdir/samples/<name>, the name made of every setting the samples depend on.
+
+  E.g. 'ddim_10steps_eta0_seed1_class2_guidance3_n16_batch16_step400'. The batch size is
+  part of it because batch b's noise is drawn from fold_in(seed, b) for the whole batch;
+  an inpainting input is named by a hash of the image and mask pixels, RePaint's r and
+  jump length when r > 1.
+  """
+  parts = [f'{opts["sampler"]}_{opts["steps"]}steps']
+  if opts['sampler'] == 'ddim':
+    parts.append(f'eta{opts["eta"]:g}')
+  parts.append(f'seed{opts["seed"]}')
+  if opts['class_label'] is not None:
+    parts.append(f'class{opts["class_label"]}')
+  if opts['guidance_scale'] > 0:
+    parts.append(f'guidance{opts["guidance_scale"]:g}')
+  if inpainting is not None:
+    digest = hashlib.sha256(b''.join(a.tobytes() for a in inpainting)).hexdigest()[:8]
+    parts.append(f'inpaint{digest}')
+    if inpaint_resample > 1:
+      parts.append(f'repaint_r{inpaint_resample}j{inpaint_jump_length}')
+  parts += [f'n{opts["num_samples"]}', f'batch{opts["batch_size"]}', f'step{step}']
+  return os.path.join(workdir, 'samples', '_'.join(parts))
+
+
+def _prepare_output_dir(output_dir: str, *, create: bool) -> list[str]:
+  """Refuses a dir that holds outputs already; with `create` (the main process) creates the
+  dir and test-writes a file in it.
+
+  Returns the folders it created, deepest first, for `_remove_created` when sampling fails.
+  """
+  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    raise SampleError(f'output dir {output_dir!r} is a file, not a directory')
+  found = [n for n in OUTPUT_NAMES if os.path.exists(os.path.join(output_dir, n))]
+  if found:
+    raise SampleError(f'output dir {output_dir!r} already holds {", ".join(found)}; pass '
+                      'another --output_dir or delete it (outputs of two samplings are never '
+                      'mixed)')
+  created = []
+  if not create:
+    return created
+  path = os.path.abspath(output_dir)
+  while not os.path.exists(path):
+    created.append(path)
+    path = os.path.dirname(path)
+  probe = os.path.join(output_dir, f'.write_test_{os.getpid()}')
+  try:
+    os.makedirs(output_dir, exist_ok=True)
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    _remove_created(created)
+    raise SampleError(f'cannot write to output dir {output_dir!r}: '
+                      f'{e.strerror or e}') from None
+  return created
+
+
+def _remove_created(folders: list[str]) -> None:
+  """Removes the folders `_prepare_output_dir` made, as long as they are still empty."""
+  for folder in folders:
+    try:
+      os.rmdir(folder)
+    except OSError:
+      return
+
+
+def _check_finite(samples: np.ndarray, step: int) -> None:
+  bad = int(np.sum(~np.isfinite(samples.reshape(len(samples), -1)).all(axis=1)))
+  if bad:
+    raise SampleError(f'{bad} of {len(samples)} samples are not finite (NaN/Inf) from the '
+                      f'checkpoint at step {step}: the checkpoint may be damaged or the training '
+                      'diverged; nothing was written')
+
+
 def sample_run(workdir: str, *, sampler: str | None = None, steps: int | None = None,
                eta: float | None = None, num_samples: int | None = None,
                batch_size: int | None = None, seed: int | None = None,
@@ -197,7 +291,8 @@ def sample_run(workdir: str, *, sampler: str | None = None, steps: int | None = 
   Args:
     workdir: a run directory (config.json + checkpoints/).
     sampler: 'ddpm' (ancestral) or 'ddim'.
-    steps: number of denoising steps (<= diffusion.num_timesteps; fewer respaces the schedule).
+    steps: number of denoising steps in [2, diffusion.num_timesteps] (fewer than T respaces
+      the schedule).
     eta: DDIM's eta in [0, 1].
     num_samples, batch_size: total samples and samples per compiled call (rounded up to a
       multiple of the number of devices).
@@ -206,9 +301,9 @@ def sample_run(workdir: str, *, sampler: str | None = None, steps: int | None = 
     guidance_scale: classifier-free guidance weight w (> 0 needs a conditional model).
     inpaint_image, inpaint_mask: image files of the model's size; the mask is white where the
       image is kept. Every sample fills the same image.
-    inpaint_resample, inpaint_jump_length: RePaint's r and jump length; r = 1 is the
-      replacement method.
-    output_dir: default workdir/samples/<sampler>_<steps>steps_seed<seed>.
+    inpaint_resample, inpaint_jump_length: RePaint's r and jump length (< steps when r > 1);
+      r = 1 is the replacement method.
+    output_dir: default `default_output_dir`; must not hold outputs of an earlier sampling.
     save_individual: also write one PNG per sample.
     progress: show a progress bar (process 0 only).
     mesh: a 1-D 'data' mesh (default `parallel.make_mesh()`, all devices).
@@ -218,42 +313,74 @@ def sample_run(workdir: str, *, sampler: str | None = None, steps: int | None = 
     labels [N] or None, psnr [N] or None, output_dir).
 
   Raises:
-    SampleError: bad input, with a message naming it.
+    SampleError: bad input, with a message naming it; also when a sample is not finite
+      (then nothing is written).
   """
   try:
     config = runs.read_config(workdir)
-  except FileNotFoundError as e:
+  except (FileNotFoundError, ValueError) as e:  # ValueError: config.json is not JSON
     raise SampleError(str(e)) from None
-  _check_checkpoint(workdir)
+  step = _latest_step(workdir)
   mesh = parallel.make_mesh() if mesh is None else mesh
   opts = _resolve(config, sampler=sampler, steps=steps, eta=eta, num_samples=num_samples,
                   batch_size=batch_size, seed=seed, class_label=class_label,
                   guidance_scale=guidance_scale, mesh_size=mesh.size)
   size, channels = int(config.data.image_size), int(config.data.channels)
-  num_classes = int(config.model.num_classes)
-  inpainting = bool(inpaint_image or inpaint_mask)
-  if inpainting:
-    image, mask = load_inpainting_inputs(inpaint_image, inpaint_mask, size, channels)
-    if inpaint_resample < 1 or inpaint_jump_length < 1:
-      raise SampleError('inpaint_resample and inpaint_jump_length must be >= 1')
+  inpainting = None
+  if inpaint_image or inpaint_mask:
+    inpainting = load_inpainting_inputs(inpaint_image, inpaint_mask, size, channels)
+    try:  # the plan's own checks, before any loading or compiling
+      samplers.repaint_plan(opts['steps'], inpaint_jump_length, inpaint_resample)
+    except ValueError as e:
+      raise SampleError(f'inpaint_resample = {inpaint_resample}, inpaint_jump_length = '
+                        f'{inpaint_jump_length}: {e}') from None
+  elif inpaint_resample != 1:
+    raise SampleError(f'inpaint_resample = {inpaint_resample} needs --inpaint_image and '
+                      '--inpaint_mask')
+  if output_dir is None:
+    output_dir = default_output_dir(workdir, opts, step=step, inpainting=inpainting,
+                                    inpaint_resample=inpaint_resample,
+                                    inpaint_jump_length=inpaint_jump_length)
+  # Every process checks, so that all of them stop together, before any collective.
+  created = _prepare_output_dir(output_dir, create=parallel.is_main_process())
+  try:
+    result = _sample(workdir, opts, step=step, inpainting=inpainting,
+                     inpaint_resample=inpaint_resample, inpaint_jump_length=inpaint_jump_length,
+                     progress=progress, mesh=mesh)
+  except BaseException:
+    _remove_created(created)
+    raise
+  result['output_dir'] = output_dir
+  if parallel.is_main_process():
+    write_outputs(output_dir, result, save_individual=save_individual)
+  return result
 
+
+def _sample(workdir, opts, *, step, inpainting, inpaint_resample, inpaint_jump_length,
+            progress, mesh) -> dict[str, Any]:
+  """The sampling of `sample_run` on validated options: the result without output_dir."""
   try:
     config, params, _ = runs.load_run(workdir, ema=True)
   except (FileNotFoundError, ValueError) as e:
     raise SampleError(str(e)) from None
+  size, channels = int(config.data.image_size), int(config.data.channels)
+  num_classes = int(config.model.num_classes)
   rep = parallel.replicated(mesh)
   model_fn = make_model_fn(models.create_model(config), jax.device_put(params, rep))
   if opts['guidance_scale'] > 0:
     model_fn = samplers.classifier_free_guidance(model_fn, opts['guidance_scale'], num_classes)
 
-  types = diffusion.types_from_config(config.diffusion)
-  plan = samplers.make_sampler(
-      schedules.schedule_from_config(config.diffusion), sampler=opts['sampler'],
-      num_steps=opts['steps'], eta=opts['eta'], model_mean_type=types['model_mean_type'],
-      model_var_type=types['model_var_type'],
-      clip_denoised=bool(config.sampling.clip_denoised),
-      repaint_resample=inpaint_resample if inpainting else 1,
-      repaint_jump_length=inpaint_jump_length)
+  try:
+    types = diffusion.types_from_config(config.diffusion)
+    plan = samplers.make_sampler(
+        schedules.schedule_from_config(config.diffusion), sampler=opts['sampler'],
+        num_steps=opts['steps'], eta=opts['eta'], model_mean_type=types['model_mean_type'],
+        model_var_type=types['model_var_type'],
+        clip_denoised=bool(config.sampling.clip_denoised),
+        repaint_resample=inpaint_resample if inpainting is not None else 1,
+        repaint_jump_length=inpaint_jump_length)
+  except ValueError as e:  # e.g. a config.json whose diffusion settings are invalid
+    raise SampleError(f'cannot build the sampler: {e}') from None
   plan = jax.device_put(plan, rep)
 
   batch = opts['batch_size']
@@ -267,7 +394,8 @@ def sample_run(workdir: str, *, sampler: str | None = None, steps: int | None = 
       else:
         kwargs['y'] = jax.random.randint(label_key, (batch,), 0, num_classes, jnp.int32)
     known = masks = None
-    if inpainting:
+    if inpainting is not None:
+      image, mask = inpainting
       known = jnp.broadcast_to(jnp.asarray(image, jnp.float32) / 127.5 - 1.0, shape)
       masks = jnp.broadcast_to(jnp.asarray(mask), shape)
     return plan.init(key, shape, model_kwargs=kwargs, known=known, mask=masks)
@@ -300,39 +428,42 @@ def sample_run(workdir: str, *, sampler: str | None = None, steps: int | None = 
 
   n = opts['num_samples']
   samples = np.concatenate(outputs)[:n]
+  _check_finite(samples, step)
   images = to_uint8(samples)
   result = dict(images=images, samples=samples, labels=None, psnr=None)
   if num_classes:
     result['labels'] = np.concatenate(labels)[:n]
-  if inpainting:
+  if inpainting is not None:
+    image, mask = inpainting
     result['psnr'] = np.asarray(samplers.masked_psnr(images, image[None], mask[None],
                                                      data_range=255.0))
-  if output_dir is None:
-    output_dir = os.path.join(workdir, 'samples',
-                              f'{opts["sampler"]}_{opts["steps"]}steps_seed{opts["seed"]}')
-  result['output_dir'] = output_dir
-  if parallel.is_main_process():
-    write_outputs(output_dir, result, save_individual=save_individual)
   return result
 
 
 def write_outputs(output_dir: str, result: dict[str, Any], *, save_individual: bool) -> None:
-  """samples.npz, grid.png, psnr.json (inpainting) and optionally images/NNNNNN.png."""
+  """samples.npz, grid.png, psnr.json (inpainting) and optionally images/NNNNNN.png.
+
+  Raises:
+    SampleError: a file could not be written (e.g. the disk is full).
+  """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from jaxddpm import train  # pylint: disable=g-import-not-at-top
-  os.makedirs(output_dir, exist_ok=True)
-  arrays = {k: result[k] for k in ('images', 'labels', 'psnr') if result[k] is not None}
-  np.savez(os.path.join(output_dir, 'samples.npz'), **arrays)
-  images = result['images']
-  train.save_image_grid(images[:GRID_SIZE].astype(np.float32) / 127.5 - 1.0,
-                        os.path.join(output_dir, 'grid.png'))
-  if result['psnr'] is not None:
-    with open(os.path.join(output_dir, 'psnr.json'), 'w') as f:
-      json.dump({'mean_psnr_db': float(np.mean(result['psnr'])),
-                 'psnr_db': [float(p) for p in result['psnr']]}, f, indent=2)
-  if save_individual:
-    folder = os.path.join(output_dir, 'images')
-    os.makedirs(folder, exist_ok=True)
-    for i, img in enumerate(images):
-      Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(
-          os.path.join(folder, f'{i:06d}.png'))
+  try:
+    os.makedirs(output_dir, exist_ok=True)
+    arrays = {k: result[k] for k in ('images', 'labels', 'psnr') if result[k] is not None}
+    np.savez(os.path.join(output_dir, 'samples.npz'), **arrays)
+    images = result['images']
+    train.save_image_grid(images[:GRID_SIZE].astype(np.float32) / 127.5 - 1.0,
+                          os.path.join(output_dir, 'grid.png'))
+    if result['psnr'] is not None:
+      with open(os.path.join(output_dir, 'psnr.json'), 'w') as f:
+        json.dump({'mean_psnr_db': float(np.mean(result['psnr'])),
+                   'psnr_db': [float(p) for p in result['psnr']]}, f, indent=2)
+    if save_individual:
+      folder = os.path.join(output_dir, 'images')
+      os.makedirs(folder, exist_ok=True)
+      for i, img in enumerate(images):
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(
+            os.path.join(folder, f'{i:06d}.png'))
+  except OSError as e:
+    raise SampleError(f'could not write the samples to {output_dir!r}: {e}') from None

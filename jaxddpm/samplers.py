@@ -160,10 +160,18 @@ def repaint_plan(num_steps: int, jump_length: int = 10,
   Returns:
     (times, ops): int32 arrays; op k denoises at index times[k] (x_t -> x_{t-1}) or renoises
     to index times[k] (x_{t-1} -> x_t).
+
+  Raises:
+    ValueError: an argument < 1, or resample > 1 with jump_length >= num_steps (no jump
+      point: the plan would silently be plain replacement).
   """
   if num_steps < 1 or jump_length < 1 or resample < 1:
     raise ValueError(f'need num_steps, jump_length, resample >= 1, got '
                      f'{num_steps}, {jump_length}, {resample}')
+  if resample > 1 and jump_length >= num_steps:
+    raise ValueError(f'RePaint jump length {jump_length} >= {num_steps} steps never jumps '
+                     f'back (it would be plain replacement); use a jump length below '
+                     f'{num_steps}, or resample = 1')
   # The list of visited indices, as in the RePaint reference code (get_schedule_jump).
   jumps = {j: resample - 1 for j in range(0, num_steps - jump_length, jump_length)}
   t = num_steps
@@ -211,7 +219,7 @@ def make_sampler(schedule: schedules_lib.Schedule, *, sampler: str = 'ddpm',
     model_mean_type, model_var_type, clip_denoised: as in `diffusion.p_mean_variance`
       (clip_denoised clips the predicted x_0 to [-1, 1]).
     repaint_jump_length, repaint_resample: RePaint's L and r (`repaint_plan`); r=1 is
-      plain sampling (with inpainting: the replacement method).
+      plain sampling (with inpainting: the replacement method); r > 1 needs L < num_steps.
     num_chunks: the plan is split into about this many equal chunks (for progress).
     chunk_length: or give the chunk length directly.
     intermediate_every: 0 keeps no trajectory; k > 0 makes `run_chunk` also return x after

@@ -8,45 +8,25 @@ import sys
 import jax
 import numpy as np
 import pytest
-from PIL import Image
 
 from configs import tiny
-from jaxddpm import checkpoint
-from jaxddpm import models
 from jaxddpm import parallel
 from jaxddpm import sample
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_workdir(path, config):
-  """A run directory: config.json and a params-only checkpoint with non-trivial EMA params."""
-  model = models.create_model(config)
-  size, channels = config.data.image_size, config.data.channels
-  # Random weights of the right shapes (no init compilation; the output layer of a fresh
-  # init is zero, these make every weight matter). Raw params are zeros: EMA ones are used.
-  shapes = jax.eval_shape(
-      lambda: models.init_params(model, jax.random.key(0), size, channels))
-  rng = np.random.default_rng(1)
-  ema = jax.tree.map(lambda a: (0.1 * rng.standard_normal(a.shape)).astype(a.dtype), shapes)
-  params = jax.tree.map(np.zeros_like, ema)
-  checkpoint.save_params(str(path), params, ema_params=ema)
-  with open(os.path.join(path, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-  return str(path)
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory, make_sample_workdir):
+  return make_sample_workdir(tmp_path_factory.mktemp('tiny'), tiny.get_config())
 
 
 @pytest.fixture(scope='module')
-def workdir(tmp_path_factory):
-  return make_workdir(tmp_path_factory.mktemp('tiny'), tiny.get_config())
-
-
-@pytest.fixture(scope='module')
-def conditional_workdir(tmp_path_factory):
+def conditional_workdir(tmp_path_factory, make_sample_workdir):
   config = tiny.get_config()
   config.model.num_classes = 3
   config.model.class_dropout = 0.1
-  return make_workdir(tmp_path_factory.mktemp('tiny_cond'), config)
+  return make_sample_workdir(tmp_path_factory.mktemp('tiny_cond'), config)
 
 
 def _run(workdir, out, mesh=None, **kw):
@@ -84,18 +64,8 @@ def test_class_conditional_and_guidance(conditional_workdir, tmp_path):
   assert np.abs(guided['samples'] - fixed['samples']).max() > 1e-2
 
 
-def _write_inpainting_inputs(folder, size=8, mask_size=8):
-  rng = np.random.default_rng(0)
-  image = rng.integers(0, 256, (size, size), dtype=np.uint8)
-  mask = np.zeros((mask_size, mask_size), np.uint8)
-  mask[:, :mask_size // 2] = 255  # keep the left half
-  Image.fromarray(image).save(folder / 'image.png')
-  Image.fromarray(mask).save(folder / 'mask.png')
-  return image, str(folder / 'image.png'), str(folder / 'mask.png')
-
-
-def test_cli_inpainting_writes_outputs_and_psnr(workdir, tmp_path):
-  image, image_path, mask_path = _write_inpainting_inputs(tmp_path)
+def test_cli_inpainting_writes_outputs_and_psnr(workdir, tmp_path, write_inpainting_inputs):
+  image, image_path, mask_path = write_inpainting_inputs(tmp_path)
   out = tmp_path / 'out'
   proc = subprocess.run(
       [sys.executable, 'run_sample.py', f'--workdir={workdir}', '--sampler=ddpm', '--steps=6',
@@ -130,14 +100,15 @@ def test_cli_error_is_one_line_and_nonzero_exit(tmp_path):
   assert 'Traceback' not in proc.stderr
 
 
-def test_bad_input_raises_sample_error(workdir, conditional_workdir, tmp_path):
-  _, image_path, _ = _write_inpainting_inputs(tmp_path)
+def test_bad_input_raises_sample_error(workdir, conditional_workdir, tmp_path,
+                                      write_inpainting_inputs):
+  _, image_path, _ = write_inpainting_inputs(tmp_path)
   wrong = tmp_path / 'wrong'
   wrong.mkdir()
-  _, _, bad_mask = _write_inpainting_inputs(wrong, mask_size=6)
+  _, _, bad_mask = write_inpainting_inputs(wrong, mask_size=6)
   cases = [
       (str(tmp_path), {}, 'no config.json'),
-      (workdir, dict(steps=101), r'steps = 101 must be in \[1, 100\]'),
+      (workdir, dict(steps=101), r'steps = 101 must be in \[2, 100\]'),
       (workdir, dict(guidance_scale=2.0), 'unconditional'),
       (workdir, dict(class_label=0), 'unconditional'),
       (conditional_workdir, dict(class_label=3), r'out of range \[0, 3\)'),
