@@ -4,23 +4,25 @@ This file is intentionally kept short: it parses flags and calls
 `jaxddpm.train.train_and_evaluate`, where the logic lives (and can be tested
 and imported in a notebook). Running the same command again resumes from the
 latest checkpoint in the workdir. Override any config field on the command
-line, e.g. `--config.training.batch_size=64`.
+line, e.g. `--config.training.batch_size=64`. A mistake in the flags, the
+config file or an override is one line on stderr and exit status 1.
 
 Multi-host: pass --distributed (or set JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID) and start one process per host.
 """
 
-# Before anything starts threads: glibc then keeps freed memory for reuse (jaxddpm.runtime).
+# Before anything starts threads: glibc then keeps freed memory for reuse, unless
+# --noruntime_tuning (jaxddpm.runtime).
+import sys  # pylint: disable=g-bad-import-order
 from jaxddpm import runtime  # pylint: disable=g-bad-import-order
-runtime.keep_freed_host_memory()
-
-import sys
+runtime.tune_from_argv(sys.argv)
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from jaxddpm import config_utils
 from jaxddpm import parallel
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
@@ -30,12 +32,18 @@ _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', None,
     'Call jax.distributed.initialize() (default: only when JAX_COORDINATOR_ADDRESS or '
     'JAX_NUM_PROCESSES is set).')
+_RUNTIME_TUNING = runtime.define_flag()
 flags.mark_flags_as_required(['config', 'workdir'])
+# An empty --workdir would train into the current directory.
+flags.register_validator('workdir', lambda workdir: workdir is None or workdir.strip(),
+                         message='must not be empty')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not _RUNTIME_TUNING.value:
+    runtime.disable()  # also when a --flagfile turned it off, which tune_from_argv cannot read
   parallel.maybe_initialize_distributed(_DISTRIBUTED.value)
   from jaxddpm import train  # pylint: disable=g-import-not-at-top
   try:
@@ -49,4 +57,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=config_utils.parse_flags)

@@ -4,9 +4,21 @@
 typo on the command line (`--config.diffusion.beta_schedule=cosin`) fails at start-up rather
 than after the data pipeline and the model have been built. Fields absent from the config are
 skipped, so partial configs (e.g. in tests) validate too.
+
+`parse_flags` is the absl flags parser of the CLIs: a mistake in the config file or in a
+`--config.<field>` override is reported in one line rather than a traceback.
 """
 
+import os
+import re
+import sys
+import sysconfig
+import traceback
 from typing import Any, Sequence
+
+from absl import flags
+from ml_collections import config_flags
+import numpy as np
 
 from jaxddpm import diffusion
 from jaxddpm import schedules
@@ -18,6 +30,9 @@ CHANNELS = (1, 3, 4)
 DTYPES = ('float32', 'bfloat16', 'float16')
 # Schedules that ramp from beta_start up to beta_end.
 RAMP_SCHEDULES = ('linear', 'quad', 'sigmoid', 'warmup10', 'warmup50')
+# jax.random.key keeps only the low 32 bits of a seed (without jax_enable_x64), so 2**32 would
+# silently repeat seed 0; the data order (NumPy) refuses negative seeds.
+MAX_SEED = 2 ** 32 - 1
 
 
 def _fail(field: str, value: Any, why: str):
@@ -67,6 +82,39 @@ def _ints(group, name: str, prefix: str, minimum: int, allow_empty: bool):
   return tuple(value)
 
 
+def _check_betas(d, p):
+  """Rejects a schedule whose betas leave (0, 1).
+
+  A beta of 1 (or betas that drive alpha_bar_T below float32's range) gives alpha_bar_T = 0:
+  the x_0 prediction divides by sqrt(alpha_bar_T), so every sample would be NaN. A beta of 0
+  adds no noise at that step.
+  """
+  kw = {k: d[k] for k in ('cosine_s', 'max_beta') if k in d}
+  try:  # catches schedule-specific problems the checks above do not know
+    betas = schedules.get_betas(d.beta_schedule, d.num_timesteps, beta_start=d.beta_start,
+                                beta_end=d.beta_end, **kw)
+  except ValueError as e:
+    raise ValueError(f'config.diffusion: {e}') from e
+  name = d.beta_schedule
+  bad = ~(betas > 0)  # NaN too
+  if bad.any():
+    i = int(np.argmax(bad))
+    field = 'cosine_s' if name == 'cosine' else 'beta_start'
+    _fail(f'{p}.{field}', d[field], f'gives the {name} schedule betas[{i}] = '
+          f'{float(betas[i])!r}; every beta must lie in (0, 1)')
+  alpha_bar_t = float(np.prod(1.0 - betas))
+  if np.float32(alpha_bar_t) == 0:
+    # The field that sets the schedule's largest betas.
+    field = {'cosine': 'max_beta', 'jsd': 'beta_schedule'}.get(name, 'beta_end')
+    if field not in d:
+      field = 'num_timesteps'
+    underflow = '' if alpha_bar_t == 0 else ', which is 0 in float32'
+    _fail(f'{p}.{field}', d[field],
+          f'gives alpha_bar_T = {alpha_bar_t:.3g}{underflow} (beta_T = {float(betas[-1]):.6g}, '
+          f'T = {d.num_timesteps}): sampling would produce NaN; every beta must be < 1 and '
+          f'alpha_bar_T > 0')
+
+
 def _validate_diffusion(d):
   p = 'diffusion'
   num_timesteps = None
@@ -80,6 +128,10 @@ def _validate_diffusion(d):
   if ({'beta_schedule', 'beta_start', 'beta_end'} <= set(d.keys())
       and d.beta_schedule in RAMP_SCHEDULES and d.beta_start > d.beta_end):
     _fail(f'{p}.beta_start', d.beta_start, f'must be <= diffusion.beta_end = {d.beta_end!r}')
+  if 'cosine_s' in d:
+    _number(d, 'cosine_s', p, 0.0, float('inf'), low_open=True, high_open=True)
+  if 'max_beta' in d:
+    _number(d, 'max_beta', p, 0.0, 1.0, low_open=True, high_open=True)
   if 'model_mean_type' in d:
     _choice(d, 'model_mean_type', p, diffusion.MEAN_TYPES)
   if 'model_var_type' in d:
@@ -89,11 +141,7 @@ def _validate_diffusion(d):
   if 'timestep_sampler' in d:
     _choice(d, 'timestep_sampler', p, TIMESTEP_SAMPLERS)
   if {'beta_schedule', 'num_timesteps', 'beta_start', 'beta_end'} <= set(d.keys()):
-    try:  # catches schedule-specific problems (e.g. betas outside (0, 1])
-      schedules.get_betas(d.beta_schedule, d.num_timesteps, beta_start=d.beta_start,
-                          beta_end=d.beta_end)
-    except ValueError as e:
-      raise ValueError(f'config.diffusion: {e}') from e
+    _check_betas(d, p)
   return num_timesteps
 
 
@@ -187,8 +235,10 @@ def _validate_training(tr):
     _int(tr, 'batch_size', p, 1)
   if 'steps_per_call' in tr:
     _int(tr, 'steps_per_call', p, 1)
-  for name in ('num_train_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints',
-               'sample_every', 'eval_every', 'num_sample_grid'):
+  if 'keep_checkpoints' in tr:  # Orbax's max_to_keep=0 deletes every checkpoint
+    _int(tr, 'keep_checkpoints', p, 1)
+  for name in ('num_train_steps', 'log_every', 'checkpoint_every', 'sample_every', 'eval_every',
+               'num_sample_grid'):
     if name in tr:
       _int(tr, name, p, 0)
 
@@ -215,12 +265,15 @@ def _validate_sampling(s, num_timesteps):
 def validate_config(config) -> None:
   """Raises ValueError('config.<field> = <value>: <why>') for the first inconsistent value.
 
-  Checks: known beta schedule and mean/var/loss types, T >= 2, betas in (0, 1]; channels in
-  (1, 3, 4); image_size divisible by 2**(len(ch_mult) - 1); attn_resolutions among the U-Net
+  Checks: known beta schedule and mean/var/loss types, T >= 2, cosine_s > 0, max_beta in
+  (0, 1), every beta of the schedule in (0, 1) with alpha_bar_T > 0 in float32 (so 'jsd',
+  whose last beta is 1, is refused: its samples would be NaN); channels in (1, 3, 4);
+  image_size divisible by 2**(len(ch_mult) - 1); attn_resolutions among the U-Net
   resolutions; norm_groups dividing every U-Net width; num_heads dividing the attention widths;
-  positive batch sizes and learning rate; decays and dropouts in range; sampler names; sampling
-  steps <= T. Any loss type goes with any variance type (kl/hybrid with a fixed variance and
-  mse with a learned one are meaningful, see `diffusion.training_losses`).
+  positive batch sizes, keep_checkpoints and learning rate; decays and dropouts in range;
+  sampler names; sampling steps <= T; seed in [0, 2**32 - 1]. Any loss type goes with any
+  variance type (kl/hybrid with a fixed variance and mse with a learned one are meaningful,
+  see `diffusion.training_losses`).
 
   Args:
     config: an `ml_collections.ConfigDict` (or dict-like with attribute access) as built by
@@ -240,5 +293,106 @@ def validate_config(config) -> None:
     _validate_training(config.training)
   if 'sampling' in config:
     _validate_sampling(config.sampling, num_timesteps)
-  if 'seed' in config and not _is_int(config.seed):
-    _fail('seed', config.seed, 'must be an integer')
+  if 'seed' in config and not (_is_int(config.seed) and 0 <= config.seed <= MAX_SEED):
+    _fail('seed', config.seed, 'must be an integer in [0, 2**32 - 1]')
+
+
+# Where the installed libraries live: the innermost traceback frame outside them (and outside
+# this file) is the user's config file.
+_LIBRARY_DIRS = tuple(sorted({sysconfig.get_path(k)
+                              for k in ('stdlib', 'platstdlib', 'purelib', 'platlib')}))
+
+
+def _config_file_line(error: BaseException) -> str:
+  """'<file>, line <n>' of the user's code (a config file) that raised `error`, or ''."""
+  if isinstance(error, SyntaxError) and error.filename:
+    return f'{error.filename}, line {error.lineno}'
+  frames = [f for f in traceback.extract_tb(error.__traceback__)
+            if not f.filename.startswith(_LIBRARY_DIRS + ('<',)) and f.filename != __file__]
+  return f'{frames[-1].filename}, line {frames[-1].lineno}' if frames else ''
+
+
+def _key_error_text(error: BaseException) -> str:
+  """The message of ml_collections' missing-field KeyError (wrapped in an AttributeError).
+
+  It reads "'chh'\\nDid you mean "ch" instead of "chh"?"; str() of a KeyError would quote it.
+  """
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]
+  return error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+
+
+def _unknown_field(error: BaseException, argv: Sequence[str]) -> str | None:
+  """'--config.model.chh=3: config.model has no field 'chh'. Did you mean "ch" ...?', or None.
+
+  None unless `error` is ml_collections' KeyError for a missing field (the quoted name, then
+  a "Did you mean" line when a field is close), wrapped or not in an AttributeError.
+  """
+  key_repr, *hint = [line.strip() for line in _key_error_text(error).splitlines()]
+  if not re.fullmatch(r"'\w+'", key_repr):
+    return None
+  key = key_repr.strip("'")
+  message = f'has no field {key_repr}' + (f'. {" ".join(hint)}' if hint else '')
+  for arg in argv[1:]:
+    match = re.match(r'-{1,2}(?:no)?(\w+)\.([\w.]+)', arg)
+    if match and key in match.group(2).split('.'):
+      path = match.group(2).split('.')
+      parent = '.'.join([match.group(1)] + path[:path.index(key)])
+      return f'{arg}: {parent} {message}'
+  return f'the config {message}'
+
+
+def _one_line(error: BaseException, argv: Sequence[str]) -> str:
+  """What went wrong while parsing flags, in one line."""
+  if isinstance(error, flags.Error) and '\n' not in str(error):
+    return str(error)  # absl's own: unknown flag, bad value, missing flag, failed validator
+  chain = [error]  # ml_collections and absl re-raise; chain[-1] started it
+  while (chain[-1].__cause__ or chain[-1].__context__) is not None:
+    chain.append(chain[-1].__cause__ or chain[-1].__context__)
+  root = chain[-1]
+  where = next(filter(None, map(_config_file_line, reversed(chain))), '')
+  key_error = isinstance(error, (AttributeError, KeyError))
+  if key_error and not where:  # raised by ml_collections applying an override
+    unknown = _unknown_field(error, argv)
+    if unknown:
+      return unknown
+  lines = [line.strip() for line in str(root).splitlines() if line.strip()]
+  last = lines[-1] if lines else ''
+  if isinstance(root, SyntaxError):
+    text = f'SyntaxError: {root.msg}'
+  elif key_error:
+    text = f'{type(error).__name__}: ' + '. '.join(_key_error_text(error).splitlines())
+  else:
+    text = f'{type(root).__name__}: {last}'
+  if where:
+    return f'config file {where}: {text}'
+  if isinstance(root, OSError):  # ml_collections could not read the file
+    return f'config file: {last}'  # "[Errno 2] No such file or directory: 'x.py'"
+  return text
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """Parses absl flags as app.run does, but reports every mistake in one line on stderr.
+
+  For `app.run(main, flags_parser=config_utils.parse_flags)`. A config file that is missing,
+  fails to import (a syntax error) or raises in get_config(), a `--config.<field>` override of
+  a field the config lacks (with ml_collections' "Did you mean" suggestion), and absl's own
+  errors (unknown flag, bad value, missing required flag, failed validator) each print
+  `<program>: error: <what is wrong>` and exit with status 1 before main runs, where absl and
+  ml_collections would print a traceback of tens of lines.
+
+  Returns:
+    The arguments left after the flags, as `flags.FLAGS(argv)` returns them.
+  """
+  config_names = [name for name in flags.FLAGS
+                  if config_flags.config_flags.is_config_flag(flags.FLAGS[name])]
+  try:
+    rest = flags.FLAGS(argv)
+    for name in config_names:
+      # ml_collections defers a config file's load error until the config is first read
+      # (in main); reading an attribute raises it here instead.
+      getattr(flags.FLAGS[name].value, 'lock', None)
+  except Exception as e:  # pylint: disable=broad-except  # the config file may raise anything
+    print(f'{os.path.basename(argv[0])}: error: {_one_line(e, argv)}', file=sys.stderr)
+    sys.exit(1)
+  return rest

@@ -20,6 +20,11 @@ from `benchmarks/bench.py`, CIFAR-10 U-Net, batch 8, 2 cores; see the README):
 
 Neither changes what is computed: the kernels differ in float32 rounding only
 (tests/test_runtime.py compares the U-Net's values and gradients).
+
+The CLIs apply both unless `--noruntime_tuning` is given: they call `tune_from_argv(sys.argv)`
+first thing (glibc must be set before threads start, so before absl parses the flags) and
+define the flag with `define_flag()` so that absl accepts it and --help lists it. `disable()`
+is the process-wide switch behind it.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ import ctypes.util
 import functools
 import importlib.util
 import os
+import re
 import sys
+from typing import Sequence
 
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -38,6 +45,75 @@ _M_ARENA_MAX = -8
 
 _ACCELERATOR_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin',
                         'jax_rocm7_plugin', 'libtpu')
+
+FLAG_NAME = 'runtime_tuning'
+# False after disable(): this process keeps glibc's and XLA's defaults.
+_enabled = True
+
+
+def disable() -> None:
+  """Turns the tuning off for the rest of the process (what --noruntime_tuning does).
+
+  Afterwards `keep_freed_host_memory` changes nothing and returns False, and
+  `step_compiler_options` returns {} (XLA's default kernels), also where it was called
+  before. Settings glibc already took stay: call it before `keep_freed_host_memory`, as
+  `tune_from_argv` does.
+  """
+  global _enabled
+  _enabled = False
+
+
+def _flag_in_argv(argv: Sequence[str]) -> bool:
+  """The value of --runtime_tuning in argv, read as absl reads a bool flag (default True).
+
+  `--runtime_tuning`, `--noruntime_tuning`, `--runtime_tuning=false|0|f|true|1|t` (any case,
+  one or two dashes); the last one wins; nothing after `--` is a flag. A --flagfile is not read.
+  """
+  value = True
+  for arg in argv[1:]:
+    if arg == '--':
+      break
+    match = re.fullmatch(rf'--?(no)?{FLAG_NAME}(?:=(.*))?', arg)
+    if match:
+      no, text = match.groups()
+      value = not no if text is None else text.lower() not in ('false', 'f', '0')
+  return value
+
+
+def tune_from_argv(argv: Sequence[str]) -> bool:
+  """What a CLI calls first thing, before importing jax: tunes the process unless argv says not.
+
+  With `--noruntime_tuning` (or `--runtime_tuning=false`) in argv it calls `disable()`;
+  otherwise `keep_freed_host_memory()` now, while no thread has started. argv is read
+  before absl parses it, because the flags are parsed only after every import; the CLI also
+  defines the flag (`define_flag`) so that absl accepts it.
+
+  Args:
+    argv: the command line, sys.argv (argv[0] is the program).
+
+  Returns:
+    True when the tuning is on.
+  """
+  if not _flag_in_argv(argv):
+    disable()
+    return False
+  keep_freed_host_memory()
+  return True
+
+
+def define_flag():
+  """Defines the absl bool flag --runtime_tuning (default True) that `tune_from_argv` reads.
+
+  Returns:
+    Its FlagHolder. Its parsed value also says False for a --flagfile that turned it off,
+    which `tune_from_argv` cannot see: call `disable()` then.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  flags.disclaim_key_flags()  # the flag belongs to the CLI calling this: its --helpshort lists it
+  return flags.DEFINE_bool(
+      FLAG_NAME, True, 'Apply jaxddpm.runtime\'s CPU settings (glibc keeps freed memory; '
+      'XLA:CPU kernel choice). --noruntime_tuning keeps glibc\'s and XLA\'s defaults.')
 
 
 def _cpu_only() -> bool:
@@ -60,12 +136,12 @@ def keep_freed_host_memory(force: bool = False) -> bool:
   resident memory no longer shrinks after a peak. Left alone where an
   accelerator plugin is installed (unless JAX_PLATFORMS=cpu or `force`): there
   the host does little but feed the device, and one arena would serialise the
-  input pipeline's threads.
+  input pipeline's threads. Nothing is changed after `disable()`.
 
   Returns:
     True when the settings were applied.
   """
-  if not sys.platform.startswith('linux') or not (force or _cpu_only()):
+  if not _enabled or not sys.platform.startswith('linux') or not (force or _cpu_only()):
     return False
   try:
     libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
@@ -86,14 +162,18 @@ _CPU_STEP_OPTIONS = (
 )
 
 
-@functools.cache
 def step_compiler_options() -> dict:
   """`compiler_options` for a top-level jit of a U-Net step on JAX's default backend.
 
-  {} on GPU/TPU, and on a jaxlib that does not know the options (checked by
-  compiling a one-op program). JAX refuses compiler_options on a nested jit:
-  pass them to the outermost `jax.jit` only.
+  {} on GPU/TPU, after `disable()`, and on a jaxlib that does not know the options
+  (checked once by compiling a one-op program). JAX refuses compiler_options on a nested
+  jit: pass them to the outermost `jax.jit` only.
   """
+  return _probed_step_options() if _enabled else {}
+
+
+@functools.cache
+def _probed_step_options() -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
