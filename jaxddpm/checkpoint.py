@@ -49,10 +49,17 @@ class CheckpointError(ValueError):
 
 
 class _OrbaxInfoFilter(logging.Filter):
-  """Drops Orbax's INFO records (a dozen per save); its warnings and errors pass."""
+  """Drops Orbax's INFO records (a dozen per save); its warnings and errors pass, as one line.
+
+  The tracebacks Orbax logs from its background threads run to hundreds of
+  lines; the same errors reach the caller as a one-line `CheckpointError`.
+  """
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or f'{os.sep}orbax{os.sep}' not in record.pathname
+    if f'{os.sep}orbax{os.sep}' not in record.pathname:
+      return True
+    record.exc_info = record.exc_text = None
+    return record.levelno >= logging.WARNING
 
 
 # Orbax logs through absl's logger, which the training loop's own INFO lines share.
@@ -187,13 +194,20 @@ class Checkpointer:
 
     Returns False (and writes nothing) when a checkpoint for `step` exists
     already, e.g. a signal-triggered save landing on a periodic one.
+
+    Raises:
+      CheckpointError: this save, or the previous asynchronous one, failed.
     """
     step = int(step)
     if step in self._manager.all_steps():
       return False
     items = {k: ocp.args.StandardSave(v)
              for k, v in _state_items(state).items() if not _is_empty(v)}
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    try:
+      return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      # Orbax first waits for the previous save, so its failure (e.g. ENOSPC) surfaces here too.
+      raise CheckpointError(f'saving a checkpoint failed: {first_line(e)}') from e
 
   def restore(self, step: int | None, abstract_state: PyTree) -> PyTree:
     """Restores checkpoint `step` (latest when None) into the structure of `abstract_state`.

@@ -441,6 +441,13 @@ def _save(ckpt: checkpoint.Checkpointer, step: int, state: TrainState,
   ckpt.save(step, state, force=True)
 
 
+def _untouched(message: str, workdir: str) -> str:
+  steps = checkpoint.saved_steps(workdir)
+  if not steps:
+    return message
+  return f'{message} The checkpoints are untouched (newest: step {steps[-1]}).'
+
+
 def _save_failed(error: checkpoint.CheckpointError, step: int | None, workdir: str) -> TrainError:
   good = checkpoint.saved_steps(workdir)
   return TrainError(
@@ -478,7 +485,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     lock = workdir_lib.lock(workdir)
   except workdir_lib.WorkdirError as e:
-    raise TrainError(str(e)) from e
+    raise TrainError(_untouched(str(e), workdir)) from e
   try:
     return _train_locked(config, workdir, pipeline)
   finally:
@@ -520,7 +527,7 @@ def _train_locked(config, workdir: str, pipeline) -> dict[str, Any]:
       try:
         workdir_lib.write_config(workdir, config)
       except workdir_lib.WorkdirError as e:
-        raise TrainError(str(e)) from e
+        raise TrainError(_untouched(str(e), workdir)) from e
 
     step = int(jax.device_get(state.step))
     total = int(config.training.num_train_steps)
@@ -588,7 +595,10 @@ def _train_locked(config, workdir: str, pipeline) -> dict[str, Any]:
             logged_loss = (logged['loss'], step - log_step)
             log_time, log_step = now, step
         if save_now or stop_now:
-          _save(ckpt, step, state, last_saved)
+          try:
+            _save(ckpt, step, state, last_saved)
+          except checkpoint.CheckpointError as e:
+            raise _save_failed(e, saving, workdir) from e
           last_saved = saving = step
         paused = time.perf_counter()
         if sample_grid is not None and _crossed(before, step, int(t.sample_every)):
@@ -608,10 +618,10 @@ def _train_locked(config, workdir: str, pipeline) -> dict[str, Any]:
     if pending:
       steps, values = _host_metrics(pending)
       _first_bad_step(steps, values, last_saved)
-    if step not in ckpt.all_steps() and stopped_by is None:
-      _save(ckpt, step, state, last_saved)
-      saving = step
     try:
+      if step not in ckpt.all_steps() and stopped_by is None:
+        _save(ckpt, step, state, last_saved)
+        saving = step
       ckpt.wait()
     except checkpoint.CheckpointError as e:
       raise _save_failed(e, saving, workdir) from e

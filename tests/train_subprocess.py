@@ -21,6 +21,7 @@ import json
 import os
 import sys
 
+from absl import logging
 import jax
 
 jax.config.update('jax_num_cpu_devices', int(os.environ.get('NUM_DEVICES', '4')))
@@ -92,9 +93,10 @@ def _fail_save_at(fail_step):
       del timeout
       raise OSError(errno.ENOSPC, 'No space left on device')
 
-  def failing_async_save(self, directory, *args, **kwargs):
-    futures = async_save(self, directory, *args, **kwargs)
-    if f'{os.sep}{fail_step}{os.sep}' in f'{os.sep}{directory}{os.sep}'.replace('.orbax-checkpoint-tmp', os.sep):
+  async def failing_async_save(self, directory, *args, **kwargs):
+    futures = await async_save(self, directory, *args, **kwargs)
+    # directory: .../checkpoints/<step>[.orbax-checkpoint-tmp-N]/<item>
+    if os.path.basename(os.path.dirname(str(directory))).split('.')[0] == str(fail_step):
       return [*(futures or []), _DiskFull()]
     return futures
 
@@ -123,6 +125,9 @@ def _fail_config_write():
 
 def main():
   workdir, overrides = sys.argv[1], json.loads(sys.argv[2])
+  # The log lines run_train.py prints (absl's handler, INFO), for tests that read them.
+  logging.use_absl_handler()
+  logging.set_verbosity(logging.INFO)
   parallel.maybe_initialize_distributed()
   from jaxddpm import train  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
