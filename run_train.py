@@ -19,7 +19,6 @@ runtime.tune_from_argv(sys.argv)
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from jaxddpm import config_utils
@@ -51,7 +50,6 @@ def main(argv):
   except train.TrainError as e:
     print(f'run_train.py: error: {e}', file=sys.stderr)
     sys.exit(1)
-  logging.info('Finished at step %d, loss %s.', summary['step'], summary['loss'])
   if summary['stopped_by'] is not None:
     sys.exit(128 + int(summary['stopped_by']))
 

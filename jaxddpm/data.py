@@ -186,7 +186,13 @@ class TFDSSource:
   def __init__(self, name: str, split: str, image_size: int, channels: int, *,
                data_dir: str | None = None, center_crop: bool = True,
                with_labels: bool = False, download: bool = True):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    try:
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise DatasetError(
+          f"data.dataset = {name!r} is read with tensorflow-datasets, which is not installed "
+          "(it is optional): pip install -e '.[tfds]'. The bundled 'digits' and image "
+          "'folder' sources need no TensorFlow.") from e
     try:
       builder = tfds.builder(name, data_dir=data_dir or None)
     except Exception as e:  # tfds raises several types for unknown names
