@@ -13,6 +13,7 @@ JAX_NUM_PROCESSES, JAX_PROCESS_ID) and start one process per host.
 
 # Before anything starts threads: glibc then keeps freed memory for reuse, unless
 # --noruntime_tuning (jaxddpm.runtime).
+import os  # pylint: disable=g-bad-import-order
 import sys  # pylint: disable=g-bad-import-order
 from jaxddpm import runtime  # pylint: disable=g-bad-import-order
 runtime.tune_from_argv(sys.argv)
@@ -49,6 +50,9 @@ def main(argv):
     summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except train.TrainError as e:
     print(f'run_train.py: error: {e}', file=sys.stderr)
+    if isinstance(e, train.SaveError):
+      sys.stderr.flush()
+      os._exit(1)  # pylint: disable=protected-access
     sys.exit(1)
   if summary['stopped_by'] is not None:
     sys.exit(128 + int(summary['stopped_by']))

@@ -32,7 +32,8 @@ def load_run(workdir: str, *, ema: bool = True, step: int | None = None):
   Args:
     workdir: a run directory.
     ema: the EMA parameters (what DDPM samples with) when the checkpoint has them.
-    step: a checkpoint step; the latest by default.
+    step: a checkpoint step; by default the newest usable one (a damaged newer
+      checkpoint is skipped with a warning naming it; see `checkpoint.load_params`).
   Returns:
     config: the run's ConfigDict.
     params: the U-Net's params pytree.
@@ -41,10 +42,16 @@ def load_run(workdir: str, *, ema: bool = True, step: int | None = None):
       jitted code.
   Raises:
     FileNotFoundError: no config.json or no checkpoint.
-    ValueError: the checkpoint's parameters do not fit the configured model.
+    ValueError: no usable checkpoint (`checkpoint.CheckpointError`), or the
+      checkpoint's parameters do not fit the configured model.
   """
+  return load_run_and_step(workdir, ema=ema, step=step)[:3]
+
+
+def load_run_and_step(workdir: str, *, ema: bool = True, step: int | None = None):
+  """`load_run`, also returning the step of the checkpoint it read: (config, params, model_fn, step)."""
   config = read_config(workdir)
-  params = checkpoint.load_params(workdir, ema=ema, step=step)
+  params, step = checkpoint.load_params_and_step(workdir, ema=ema, step=step)
   if set(params) == {'params'}:  # a checkpoint of the whole Flax variables dict
     params = params['params']
   model = models.create_model(config)
@@ -54,4 +61,4 @@ def load_run(workdir: str, *, ema: bool = True, step: int | None = None):
   if jax.tree.structure(abstract) != jax.tree.structure(params) or any(
       a.shape != p.shape for a, p in zip(jax.tree.leaves(abstract), jax.tree.leaves(params))):
     raise ValueError(f'the checkpoint in {workdir!r} does not fit the model of its config.json')
-  return config, params, models.make_model_fn(model, params)
+  return config, params, models.make_model_fn(model, params), step

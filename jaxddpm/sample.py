@@ -74,14 +74,10 @@ def make_model_fn(model, params) -> Partial:
   return Partial(_Apply(model), params)
 
 
-def _latest_step(workdir: str) -> int:
-  """The step of the latest complete checkpoint, the one sampled from (unless it is damaged
-  and `checkpoint.load_params` falls back to an older one, with a warning naming both)."""
-  steps = checkpoint.saved_steps(workdir)
-  if not steps:
+def _require_checkpoint(workdir: str) -> None:
+  if not checkpoint.saved_steps(workdir):
     raise SampleError(f'no checkpoint in {checkpoint.checkpoint_dir(workdir)}; train first '
                       '(run_train.py) or convert weights into this workdir')
-  return steps[-1]
 
 
 def _load_image(path: str, mode: str) -> np.ndarray:
@@ -320,7 +316,7 @@ def sample_run(workdir: str, *, sampler: str | None = None, steps: int | None = 
     config = runs.read_config(workdir)
   except (FileNotFoundError, ValueError) as e:  # ValueError: config.json is not JSON
     raise SampleError(str(e)) from None
-  step = _latest_step(workdir)
+  _require_checkpoint(workdir)
   mesh = parallel.make_mesh() if mesh is None else mesh
   opts = _resolve(config, sampler=sampler, steps=steps, eta=eta, num_samples=num_samples,
                   batch_size=batch_size, seed=seed, class_label=class_label,
@@ -337,6 +333,12 @@ def sample_run(workdir: str, *, sampler: str | None = None, steps: int | None = 
   elif inpaint_resample != 1:
     raise SampleError(f'inpaint_resample = {inpaint_resample} needs --inpaint_image and '
                       '--inpaint_mask')
+  try:
+    # Before naming the outputs: a damaged newest checkpoint makes this an older step.
+    loaded = runs.load_run_and_step(workdir, ema=True)
+  except (FileNotFoundError, ValueError) as e:
+    raise SampleError(str(e)) from None
+  step = loaded[3]
   if output_dir is None:
     output_dir = default_output_dir(workdir, opts, step=step, inpainting=inpainting,
                                     inpaint_resample=inpaint_resample,
@@ -344,7 +346,7 @@ def sample_run(workdir: str, *, sampler: str | None = None, steps: int | None = 
   # Every process checks, so that all of them stop together, before any collective.
   created = _prepare_output_dir(output_dir, create=parallel.is_main_process())
   try:
-    result = _sample(workdir, opts, step=step, inpainting=inpainting,
+    result = _sample(loaded, opts, inpainting=inpainting,
                      inpaint_resample=inpaint_resample, inpaint_jump_length=inpaint_jump_length,
                      progress=progress, mesh=mesh)
   except BaseException:
@@ -356,13 +358,13 @@ def sample_run(workdir: str, *, sampler: str | None = None, steps: int | None = 
   return result
 
 
-def _sample(workdir, opts, *, step, inpainting, inpaint_resample, inpaint_jump_length,
+def _sample(loaded, opts, *, inpainting, inpaint_resample, inpaint_jump_length,
             progress, mesh) -> dict[str, Any]:
-  """The sampling of `sample_run` on validated options: the result without output_dir."""
-  try:
-    config, params, _ = runs.load_run(workdir, ema=True)
-  except (FileNotFoundError, ValueError) as e:
-    raise SampleError(str(e)) from None
+  """The sampling of `sample_run` on validated options: the result without output_dir.
+
+  `loaded` is `runs.load_run_and_step`'s (config, params, model_fn, step).
+  """
+  config, params, _, step = loaded
   size, channels = int(config.data.image_size), int(config.data.channels)
   num_classes = int(config.model.num_classes)
   rep = parallel.replicated(mesh)

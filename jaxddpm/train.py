@@ -66,6 +66,15 @@ class NonFiniteLossError(TrainError):
   """The loss became NaN or Inf; the run stopped without saving that state."""
 
 
+class SaveError(TrainError):
+  """Writing a checkpoint failed (e.g. a full disk); the message names the last good one.
+
+  Orbax's background threads of the failed save may still be unwinding, and
+  an interpreter teardown under them prints pages of asyncio errors, so
+  run_train.py leaves with `os._exit` after reporting it.
+  """
+
+
 # ---------------------------------------------------------------------------
 # State and optimizer.
 
@@ -448,9 +457,9 @@ def _untouched(message: str, workdir: str) -> str:
   return f'{message} The checkpoints are untouched (newest: step {steps[-1]}).'
 
 
-def _save_failed(error: checkpoint.CheckpointError, step: int | None, workdir: str) -> TrainError:
+def _save_failed(error: checkpoint.CheckpointError, step: int | None, workdir: str) -> SaveError:
   good = checkpoint.saved_steps(workdir)
-  return TrainError(
+  return SaveError(
       f'Checkpoint {step}: {error}. The last good checkpoint is '
       + (f'step {good[-1]}' if good else 'none') + '; free the space (or fix the cause) and '
       'rerun the same command to resume from it.')

@@ -148,6 +148,9 @@ def main():
       summary = train.train_and_evaluate(config, workdir)
   except train.TrainError as e:
     print(f'error: {e}', file=sys.stderr)
+    if isinstance(e, train.SaveError):
+      sys.stderr.flush()
+      os._exit(1)  # pylint: disable=protected-access
     sys.exit(1)
   print('SUMMARY ' + json.dumps(summary))
   if summary['stopped_by'] is not None:
