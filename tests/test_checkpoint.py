@@ -1,5 +1,7 @@
 """Checkpoints: exact round trips, keep-N, params-only checkpoints for converters."""
 
+import os
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -87,3 +89,77 @@ def test_load_params_without_checkpoints(tmp_path):
   with pytest.raises(FileNotFoundError, match='No checkpoint'):
     checkpoint.load_params(str(tmp_path / 'missing'))
   assert not (tmp_path / 'missing').exists()
+
+
+def _remove(path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def _garbage(path):
+  """Overwrites every data file of an item with bytes that decode to NaN (or do not decode)."""
+  for root, _, names in os.walk(path):
+    for name in names if os.path.basename(root) == 'd' else ():
+      target = os.path.join(root, name)
+      size = os.path.getsize(target)
+      with open(target, 'r+b') as f:
+        f.write(b'\xff' * size)
+
+
+_DAMAGE = {
+    'missing manifest': lambda step: _remove(step / 'ema_params' / 'manifest.ocdbt'),
+    'garbage in a data file': lambda step: _garbage(step / 'ema_params'),
+    'missing ema_params item': lambda step: _remove(step / 'ema_params'),
+    'missing train item': lambda step: _remove(step / 'train'),
+}
+
+
+def _two_checkpoints(directory):
+  with checkpoint.Checkpointer(directory) as ckpt:
+    for step in (1, 2):
+      ckpt.save(step, _state(step), force=True)
+
+
+@pytest.mark.parametrize('damage', sorted(_DAMAGE))
+def test_a_damaged_newest_checkpoint_is_skipped_and_named(tmp_path, damage, caplog):
+  directory = checkpoint.checkpoint_dir(str(tmp_path))
+  _two_checkpoints(directory)
+  _DAMAGE[damage](tmp_path / 'checkpoints' / '2')
+  mesh = parallel.make_mesh()
+  abstract = _abstract(_state(0), parallel.replicated(mesh))
+  with checkpoint.Checkpointer(directory) as ckpt:
+    step, state, rejected = ckpt.restore_newest_good(abstract)
+  assert step == 1 and [s for s, _ in rejected] == [2], rejected
+  jax.tree.map(np.testing.assert_array_equal, state.params, _state(1).params)
+  if damage != 'missing train item':  # sampling needs no optimizer state
+    params, used = checkpoint.load_params_and_step(str(tmp_path))
+    assert used == 1
+    jax.tree.map(np.testing.assert_array_equal, params, _state(1).ema_params)
+    assert any('Checkpoint 2 ' in r.getMessage() and 'using checkpoint 1' in r.getMessage()
+               for r in caplog.records)
+
+
+def test_a_stray_empty_step_folder_is_skipped(tmp_path):
+  directory = checkpoint.checkpoint_dir(str(tmp_path))
+  _two_checkpoints(directory)
+  os.makedirs(os.path.join(directory, '7'))
+  params, used = checkpoint.load_params_and_step(str(tmp_path))
+  assert used == 2
+  jax.tree.map(np.testing.assert_array_equal, params, _state(2).ema_params)
+
+
+def test_non_finite_parameters_are_rejected_on_restore(tmp_path):
+  directory = checkpoint.checkpoint_dir(str(tmp_path))
+  bad = _state(2)
+  bad = bad.replace(ema_params=jax.tree.map(lambda x: x.at[0].set(jnp.nan), bad.ema_params))
+  with checkpoint.Checkpointer(directory) as ckpt:
+    ckpt.save(1, _state(1), force=True)
+    ckpt.save(2, bad, force=True)
+  abstract = _abstract(_state(0), parallel.replicated(parallel.make_mesh()))
+  with checkpoint.Checkpointer(directory) as ckpt:
+    step, _, rejected = ckpt.restore_newest_good(abstract)
+  assert step == 1
+  # One NaN in row 0 of each of the two leaves: the (3, 4) kernel's row and the bias' first entry.
+  assert rejected == [(2, 'holds non-finite values (5 in ema_params)')]
+  with pytest.raises(checkpoint.CheckpointError, match='no usable|Checkpoint 2 .*non-finite'):
+    checkpoint.load_params(str(tmp_path), step=2)
