@@ -250,7 +250,7 @@ def _validate_sampling(s, num_timesteps):
       _choice(s, name, p, SAMPLERS)
   for name in ('num_steps', 'train_grid_steps'):
     if name in s:
-      steps = _int(s, name, p, 1)
+      steps = _int(s, name, p, 2)  # as run_sample.py --steps: a respaced schedule keeps >= 2
       if num_timesteps is not None and steps > num_timesteps:
         _fail(f'{p}.{name}', steps, f'must be <= diffusion.num_timesteps = {num_timesteps}')
   if 'eta' in s:

@@ -88,6 +88,7 @@ BAD_VALUES = [
     ('training.steps_per_call', 0),
     ('sampling.sampler', 'euler'),
     ('sampling.num_steps', 0),
+    ('sampling.num_steps', 1),  # run_sample.py --steps needs 2 or more too
     ('sampling.num_steps', 1001),  # more than T
     ('sampling.eta', -0.1),
     ('sampling.batch_size', 0),
