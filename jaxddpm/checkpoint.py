@@ -154,6 +154,45 @@ def _leaf_layout(tree: PyTree) -> dict[tuple[str, ...], tuple[int, ...]]:
           for path, leaf in jax.tree.flatten_with_path(tree)[0]}
 
 
+def newest_good(steps: list[int], read: Callable[[int], PyTree], *,
+                check: Callable[[int], None] | None = None
+                ) -> tuple[int | None, PyTree | None, list[tuple[int, str]]]:
+  """The first of `steps` whose `read(step)` succeeds and holds only finite values.
+
+  `read(step)` returns a dict (or dataclass) of pytrees; any exception it raises
+  rejects the step, since Orbax and TensorStore raise many types for damaged
+  files and all of them mean "unreadable". `check(step)` may raise
+  `CheckpointError` to reject a step before it is read; any other exception of
+  `check` (a config that does not fit) propagates.
+
+  Returns:
+    (step, tree, rejected): the step used and what `read` gave (None, None when
+    no step is usable), and [(step, reason)] for the steps rejected before it.
+  """
+  rejected = []
+  for step in steps:
+    try:
+      if check is not None:
+        check(step)
+    except CheckpointError as e:
+      rejected.append((step, str(e)))
+      continue
+    try:
+      tree = read(step)
+    except CheckpointError as e:
+      rejected.append((step, str(e)))
+      continue
+    except Exception as e:  # pylint: disable=broad-except
+      rejected.append((step, f'cannot be read ({first_line(e)})'))
+      continue
+    bad = nonfinite_values(tree)
+    if bad:
+      rejected.append((step, f'holds non-finite values ({describe_nonfinite(bad)})'))
+      continue
+    return step, tree, rejected
+  return None, None, rejected
+
+
 class Checkpointer:
   """Saves and restores a training state under `directory`, keeping the latest `keep`.
 
@@ -279,40 +318,15 @@ class Checkpointer:
   def restore_newest_good(self, abstract_state: PyTree, *,
                           check: Callable[[int], None] | None = None
                           ) -> tuple[int | None, PyTree | None, list[tuple[int, str]]]:
-    """Restores the newest checkpoint that reads back whole and finite.
+    """Restores the newest checkpoint that reads back whole and finite (`newest_good`).
 
-    Tries the saved steps newest first. A checkpoint is rejected when Orbax
-    cannot restore it into `abstract_state` (missing items or manifests,
-    garbage in a data file, a stray empty step folder) or when any of its
-    floating-point values is NaN/Inf. `check(step)` may raise `CheckpointError`
-    to reject a step before it is read (e.g. a lost item); any other exception
-    it raises (a config that does not fit) propagates.
-
-    Returns:
-      (step, state, rejected): the step and state restored (None, None when
-      no checkpoint is usable), and [(step, reason)] for the newer ones
-      rejected, newest first.
+    A checkpoint is rejected when Orbax cannot restore it into `abstract_state`
+    (missing items or manifests, garbage in a data file, a stray empty step
+    folder) or when any of its floating-point values is NaN/Inf.
+    Returns (step, state, [(rejected step, reason)], newest first).
     """
-    rejected = []
-    for step in sorted(self.all_steps(), reverse=True):
-      try:
-        if check is not None:
-          check(step)
-      except CheckpointError as e:
-        rejected.append((step, str(e)))
-        continue
-      try:
-        state = self.restore(step, abstract_state)
-      except Exception as e:  # pylint: disable=broad-except
-        # Orbax and TensorStore raise many types for damaged files; all mean "unreadable".
-        rejected.append((step, f'cannot be read ({first_line(e)})'))
-        continue
-      bad = nonfinite_values(state)
-      if bad:
-        rejected.append((step, f'holds non-finite values ({describe_nonfinite(bad)})'))
-        continue
-      return step, state, rejected
-    return None, None, rejected
+    return newest_good(sorted(self.all_steps(), reverse=True),
+                       lambda step: self.restore(step, abstract_state), check=check)
 
   def quarantine(self, steps: list[int], workdir: str) -> str:
     """Moves checkpoints `steps` to workdir/checkpoints.damaged/ (nothing is deleted).
@@ -325,16 +339,10 @@ class Checkpointer:
     if jax.process_index() == 0:
       os.makedirs(target, exist_ok=True)
       for step in steps:
-        source = os.path.join(self.directory, str(step))
-        if not os.path.isdir(source):
-          source = os.path.join(self.directory, f'{step:09d}')
-        name = os.path.basename(source)
-        dest = os.path.join(target, name)
-        suffix = 1
-        while os.path.exists(dest):
-          dest = os.path.join(target, f'{name}.{suffix}')
-          suffix += 1
-        shutil.move(source, dest)
+        dest, suffix = os.path.join(target, str(step)), 1
+        while os.path.exists(dest):  # damaged twice at one step: keep both
+          dest, suffix = os.path.join(target, f'{step}.{suffix}'), suffix + 1
+        shutil.move(os.path.join(self.directory, str(step)), dest)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices('jaxddpm_checkpoint_quarantine')
@@ -406,8 +414,8 @@ def save_params(workdir: str, params: PyTree, *, step: int = 0,
     ckpt.save(step, state, force=True)
 
 
-def _read_params(ckpt: Checkpointer, step: int, ema: bool) -> tuple[str, PyTree]:
-  """Reads the parameter item of checkpoint `step`: (item name, params)."""
+def _read_params(ckpt: Checkpointer, step: int, ema: bool) -> dict[str, PyTree]:
+  """Reads the parameter item of checkpoint `step`: {item name: params}."""
   names = ckpt.item_names(step)
   if ema and _OTHER_ITEM in names and 'ema_params' not in names:
     # A training checkpoint always has EMA parameters: its item is lost, not absent by design.
@@ -415,7 +423,7 @@ def _read_params(ckpt: Checkpointer, step: int, ema: bool) -> tuple[str, PyTree]
   name = 'ema_params' if ema and 'ema_params' in names else 'params'
   if name not in names:
     raise CheckpointError(f'has no parameters (items: {names})')
-  return name, ckpt.restore_item(step, name)
+  return {name: ckpt.restore_item(step, name)}
 
 
 def load_params_and_step(workdir: str, *, ema: bool = True,
@@ -428,28 +436,17 @@ def load_params_and_step(workdir: str, *, ema: bool = True,
     steps = [int(step)] if step is not None else sorted(ckpt.all_steps(), reverse=True)
     if not steps:
       raise FileNotFoundError(f'No checkpoint in {ckpt.directory}.')
-    rejected = []
-    for s in steps:
-      try:
-        name, params = _read_params(ckpt, s, ema)
-      except CheckpointError as e:
-        rejected.append((s, str(e)))
-        continue
-      except Exception as e:  # pylint: disable=broad-except
-        rejected.append((s, f'cannot be read ({first_line(e)})'))
-        continue
-      bad = nonfinite_values({name: params})
-      if bad:
-        rejected.append((s, f'holds non-finite values ({describe_nonfinite(bad)})'))
-        continue
-      for r_step, reason in rejected:
-        logging.getLogger('absl').warning(
-            'Checkpoint %d in %s %s; using checkpoint %d.', r_step, ckpt.directory, reason, s)
-      return params, s
-  if step is not None:
-    raise CheckpointError(f'Checkpoint {step} in {directory} {rejected[0][1]}.')
-  raise CheckpointError(f'No usable checkpoint in {directory}: ' + '; '.join(
-      f'checkpoint {s} {reason}' for s, reason in rejected) + '.')
+    used, params, rejected = newest_good(steps, lambda s: _read_params(ckpt, s, ema))
+  if used is None:
+    if step is not None:
+      raise CheckpointError(f'Checkpoint {step} in {directory} {rejected[0][1]}.')
+    raise CheckpointError(f'No usable checkpoint in {directory}: ' + '; '.join(
+        f'checkpoint {s} {reason}' for s, reason in rejected) + '.')
+  for r_step, reason in rejected:
+    logging.getLogger('absl').warning(
+        'Checkpoint %d in %s %s; using checkpoint %d.', r_step, directory, reason, used)
+  (params,) = params.values()
+  return params, used
 
 
 def load_params(workdir: str, *, ema: bool = True, step: int | None = None) -> PyTree:
