@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from jaxddpm import runs
 from jaxddpm import sample
 from jaxddpm import samplers
 from jaxddpm import schedules
@@ -27,13 +26,14 @@ def workdir(tmp_path_factory, make_sample_workdir):
 
 
 @pytest.fixture
-def no_loading(monkeypatch):
-  """Loading the run fails the test: the error under test must come before any sampling."""
+def no_sampling(monkeypatch):
+  """Sampling fails the test: the error under test must come before it (loading the run,
+  which names the output dir by the checkpoint step it reads, may come first)."""
 
   def fail(*args, **kwargs):
-    raise AssertionError('the run was loaded: the check came too late')
+    raise AssertionError('sampling started: the check came too late')
 
-  monkeypatch.setattr(runs, 'load_run', fail)
+  monkeypatch.setattr(sample, '_sample', fail)
 
 
 def _run(workdir, out=None, **kw):
@@ -94,7 +94,7 @@ def test_default_output_dir_is_named_by_every_setting(tmp_path, make_sample_work
   assert '_repaint_r3j5_' in repaint
 
 
-def test_existing_outputs_are_refused_before_sampling(workdir, tmp_path, no_loading):
+def test_existing_outputs_are_refused_before_sampling(workdir, tmp_path, no_sampling):
   out = tmp_path / 'out'
   (out / 'images').mkdir(parents=True)
   (out / 'images' / '000000.png').write_bytes(b'stale')
@@ -107,7 +107,7 @@ def test_existing_outputs_are_refused_before_sampling(workdir, tmp_path, no_load
   assert (out / 'images' / '000000.png').read_bytes() == b'stale'
 
 
-def test_unwritable_output_dir_fails_before_sampling(workdir, tmp_path, no_loading):
+def test_unwritable_output_dir_fails_before_sampling(workdir, tmp_path, no_sampling):
   blocker = tmp_path / 'a_file'
   blocker.write_text('x')
   with pytest.raises(sample.SampleError,
@@ -117,7 +117,7 @@ def test_unwritable_output_dir_fails_before_sampling(workdir, tmp_path, no_loadi
     _run(workdir, blocker)
 
 
-def test_repaint_that_never_jumps_back_is_an_error(workdir, tmp_path, no_loading,
+def test_repaint_that_never_jumps_back_is_an_error(workdir, tmp_path, no_sampling,
                                                    write_inpainting_inputs):
   schedule = schedules.make_schedule('linear', 100)
   with pytest.raises(ValueError, match='RePaint jump length 10 >= 10 steps never jumps back'):
@@ -137,7 +137,7 @@ def test_repaint_that_never_jumps_back_is_an_error(workdir, tmp_path, no_loading
 
 
 def test_non_image_inpainting_file_and_one_step_are_sample_errors(
-    workdir, tmp_path, no_loading, write_inpainting_inputs):
+    workdir, tmp_path, no_sampling, write_inpainting_inputs):
   text = tmp_path / 'notes.txt'
   text.write_text('not an image')
   _, image_path, mask_path = write_inpainting_inputs(tmp_path)
@@ -195,3 +195,13 @@ def test_cli_mistakes_are_one_line_errors(workdir, tmp_path, flag, error):
   assert 'Traceback' not in proc.stderr
   [line] = _error_lines(proc)
   assert line.startswith('run_sample.py: error: ' + error.format(blocker=blocker))
+
+
+def test_output_dir_names_the_checkpoint_actually_sampled(tmp_path, make_sample_workdir):
+  # A stray empty step folder is the "latest" by name; sampling skips it, and so does the name.
+  (tmp_path / 'run').mkdir()
+  wd = make_sample_workdir(tmp_path / 'run', tiny.get_config(), step=5)
+  os.makedirs(os.path.join(wd, 'checkpoints', '9'))
+  result = _run(wd)
+  assert os.path.basename(result['output_dir']).endswith('_step5'), result['output_dir']
+  assert np.isfinite(result['samples']).all()
