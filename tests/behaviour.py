@@ -1,0 +1,49 @@
+"""What tests/test_behaviour.py pins: 20 training losses and fixed-key samples of configs/tiny.py.
+
+`compute()` uses the package's public pieces the way training and sampling do;
+tests/fixtures/make_behaviour_fixture.py saved its output from the code before
+the architecture refactor, so the two must agree bitwise.
+"""
+
+import jax
+import numpy as np
+
+from configs import tiny
+from jaxddpm import data
+from jaxddpm import diffusion
+from jaxddpm import models
+from jaxddpm import sample
+from jaxddpm import samplers
+from jaxddpm import schedules
+from jaxddpm import train
+
+NUM_STEPS = 20
+NUM_SAMPLES = 16
+
+
+def compute() -> dict[str, np.ndarray]:
+  config = tiny.get_config()
+  device = jax.devices()[0]
+  model = models.create_model(config)
+  schedule = schedules.schedule_from_config(config.diffusion)
+  with jax.default_device(device):
+    state = jax.jit(lambda key: train.create_train_state(config, model, key))(
+        jax.random.PRNGKey(int(config.seed)))
+    step = jax.jit(train.make_train_step(config, model, schedule))
+    pipeline = data.create_train_pipeline(config)
+    losses = []
+    for k in range(NUM_STEPS):
+      state, metrics = step(state, data.stack_batches([pipeline.batch(k)]))
+      losses.append(np.asarray(metrics['loss'])[0])
+    out = {'losses': np.asarray(losses, np.float32)}
+    types = diffusion.types_from_config(config.diffusion)
+    shape = (NUM_SAMPLES, config.data.image_size, config.data.image_size, config.data.channels)
+    key = jax.random.key(1234)
+    for name in ('ddim', 'ddpm'):
+      plan = samplers.make_sampler(schedule, sampler=name, num_steps=10, eta=0.0,
+                                   model_mean_type=types['model_mean_type'],
+                                   model_var_type=types['model_var_type'])
+      for which in ('params', 'ema_params'):
+        model_fn = sample.make_model_fn(model, getattr(state, which))
+        out[f'{name}_{which}'] = np.asarray(samplers.sample(model_fn, plan, key, shape))
+  return out
