@@ -257,7 +257,7 @@ def setup_jaxddpm(config, batch, steps_per_call, sampler, sample_steps, compiler
   """Compiles jaxddpm's train step and sampling step; returns figures and the step calls."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jaxddpm import models, parallel, sample, samplers, schedules, train  # pylint: disable=g-import-not-at-top
+  from jaxddpm import models, parallel, samplers, schedules, train  # pylint: disable=g-import-not-at-top
 
   device = jax.devices()[0]
   mesh = parallel.make_mesh([device])
@@ -301,7 +301,7 @@ def setup_jaxddpm(config, batch, steps_per_call, sampler, sample_steps, compiler
 
   # The U-Net's forward pass alone: XLA's FLOP count (not compiled). A copy of the
   # params: the train step donates (deletes) the state it is given.
-  model_fn = sample.make_model_fn(model, jax.tree.map(jnp.copy, holder[0].params))
+  model_fn = models.make_model_fn(model, jax.tree.map(jnp.copy, holder[0].params))
   x = jnp.zeros((batch, size, size, channels), jnp.float32)
   t = jnp.zeros((batch,), jnp.int32)
   forward = jax.jit(lambda f, x, t: f(x, t)).lower(model_fn, x, t)
@@ -327,14 +327,14 @@ def setup_jaxddpm(config, batch, steps_per_call, sampler, sample_steps, compiler
 def sampling_memory(config, batch, step_counts):
   """[(steps, XLA program bytes, host peak bytes above the start or None)] of whole-plan DDIM runs."""
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxddpm import models, sample, samplers, schedules  # pylint: disable=g-import-not-at-top
+  from jaxddpm import models, samplers, schedules  # pylint: disable=g-import-not-at-top
 
   host = HostPeak()
   device = jax.devices()[0]
   model = models.create_model(config)
   size, channels = int(config.data.image_size), int(config.data.channels)
   params = models.init_params(model, jax.random.key(0), size, channels)
-  model_fn = sample.make_model_fn(model, params)
+  model_fn = models.make_model_fn(model, params)
   schedule = schedules.schedule_from_config(config.diffusion)
   rows = []
   for steps in step_counts:

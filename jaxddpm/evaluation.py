@@ -34,8 +34,14 @@ from jax.tree_util import Partial
 import numpy as np
 from scipy import linalg
 
+from jaxddpm import data
 from jaxddpm import diffusion
+from jaxddpm import images as images_lib
+from jaxddpm import models
+from jaxddpm import parallel
+from jaxddpm import runs
 from jaxddpm import runtime
+from jaxddpm import samplers
 from jaxddpm import schedules
 from jaxddpm.digits_classifier import DigitsExtractor
 from jaxddpm.models import inception
@@ -230,17 +236,6 @@ def _inception_apply(variables, images_uint8):
   return out['pool3'], out['logits_unbiased']
 
 
-def to_uint8(images):
-  """float [-1, 1] (or uint8) images -> uint8 [0, 255]: round((x + 1) * 127.5), clipped.
-
-  Metrics see samples as they are saved, whatever form they arrive in.
-  """
-  images = np.asarray(images)
-  if images.dtype == np.uint8:
-    return images
-  return np.clip(np.round((images.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
 @dataclasses.dataclass(frozen=True)
 class InceptionExtractor:
   """FID Inception-v3 features: pool3 [N, 2048] and logits [N, 1008].
@@ -269,7 +264,7 @@ class InceptionExtractor:
     return cls(variables=variables, batch_size=batch_size, mesh=mesh)
 
   def features(self, images):
-    images = to_uint8(images)
+    images = images_lib.to_uint8(images)
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
       raise ValueError(f'images must be [N, H, W, 1 or 3], got {images.shape}')
     batch_size = _round_to_mesh(self.batch_size, self.mesh)
@@ -278,8 +273,8 @@ class InceptionExtractor:
       chunk = images[i:i + batch_size]
       padded = np.pad(chunk, [(0, batch_size - len(chunk))] + [(0, 0)] * 3)  # one compile
       f, l = _inception_apply(self.variables, _put(padded, self.mesh))
-      feats.append(_fetch(f)[:len(chunk)])
-      logits.append(_fetch(l)[:len(chunk)])
+      feats.append(parallel.fetch(f)[:len(chunk)])
+      logits.append(parallel.fetch(l)[:len(chunk)])
     return np.concatenate(feats), np.concatenate(logits)
 
 
@@ -325,7 +320,6 @@ def dataset_reference_stats(config, extractor, *, split=None, cache_dir=None,
   split: default config.data.split (the training set, the usual FID reference).
   The cache file is named after data set, split, size, count and extractor.
   """
-  from jaxddpm import data  # pylint: disable=g-import-not-at-top
   split = split or config.data.split
   cache_path = None
   if cache_dir:
@@ -396,7 +390,7 @@ def _bpd_batch():
 def quantize(images):
   """float [-1, 1] -> the 8-bit grid {2k/255 - 1}: the decoder's discretised likelihood
   (DDPM eq. 13) is a likelihood of 8-bit data, so bits/dim is of the quantised images."""
-  return np.float32(to_uint8(images)) / 127.5 - 1.0
+  return np.float32(images_lib.to_uint8(images)) / 127.5 - 1.0
 
 
 def bits_per_dim(model_fn, schedule, images, key, *, model_mean_type, model_var_type,
@@ -436,7 +430,7 @@ def bits_per_dim(model_fn, schedule, images, key, *, model_mean_type, model_var_
     out = _bpd_batch()(model_fn, schedule, _put(images[padded], mesh), jax.random.fold_in(key, i),
                      kwargs, model_mean_type=model_mean_type, model_var_type=model_var_type,
                      clip_denoised=clip_denoised)
-    results.append({k: _fetch(v)[:len(idx)] for k, v in out.items()})
+    results.append({k: parallel.fetch(v)[:len(idx)] for k, v in out.items()})
   r = {k: np.concatenate([b[k] for b in results]).astype(np.float64) for k in results[0]}
   total = r['total_bpd']
   return dict(
@@ -462,14 +456,6 @@ def _put(x, mesh):
     return x
   sharding = NamedSharding(mesh, P('data'))
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-
-def _fetch(x):
-  """A global array -> NumPy on this process (gathers shards from other processes)."""
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def scalars(metrics):
@@ -507,11 +493,6 @@ def extractor_from_config(config, *, workdir=None, inception_weights=None, mesh=
   return InceptionExtractor.from_weights(weights, mesh=mesh)
 
 
-def _model_fn(model, params):
-  from jaxddpm import sample  # pylint: disable=g-import-not-at-top
-  return sample.make_model_fn(model, params)
-
-
 def generate_samples(config, model_fn, schedule, num_samples, key, *, mesh=None):
   """num_samples float32 [N, H, W, C] samples (unclipped) with config.sampling's sampler.
 
@@ -519,7 +500,6 @@ def generate_samples(config, model_fn, schedule, num_samples, key, *, mesh=None)
   its 'data' axis; conditional models get uniform random labels and
   config.sampling.guidance_scale.
   """
-  from jaxddpm import samplers  # pylint: disable=g-import-not-at-top
   s = config.sampling
   types = diffusion.types_from_config(config.diffusion)
   plan = samplers.make_sampler(
@@ -544,13 +524,14 @@ def generate_samples(config, model_fn, schedule, num_samples, key, *, mesh=None)
     batch_key = jax.random.fold_in(key, b)
     x_T, y = start(batch_key)
     kwargs = {'y': y} if num_classes else None
-    out.append(_fetch(samplers.sample(model_fn, plan, batch_key, x_T=x_T, model_kwargs=kwargs)))
+    out.append(parallel.fetch(samplers.sample(
+        model_fn, plan, batch_key, x_T=x_T, model_kwargs=kwargs,
+        compiler_options=runtime.step_compiler_options())))
   return np.concatenate(out)[:num_samples]
 
 
 def held_out_bits_per_dim(config, model_fn, schedule, key, *, num_examples=None, mesh=None):
   """bits_per_dim of the first `num_examples` images of config.data.eval_split."""
-  from jaxddpm import data  # pylint: disable=g-import-not-at-top
   batches = list(data.eval_batches(config, batch_size=1024, num_examples=num_examples))
   images = np.concatenate([b['image'] for b in batches])
   labels = np.concatenate([b['label'] for b in batches]) if config.model.num_classes else None
@@ -576,7 +557,7 @@ def training_metrics(config, model, schedule, params, mesh, *, step, workdir=Non
   """
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(int(config.seed)), 0xE7A1), step)
   bpd_key, sample_key = jax.random.split(key)
-  model_fn = _model_fn(model, params)
+  model_fn = models.make_model_fn(model, params)
   out = {}
   if int(config.eval.bpd_num_examples) > 0:
     bpd = held_out_bits_per_dim(config, model_fn, schedule, bpd_key,
@@ -609,7 +590,6 @@ def parse_metrics(names):
 def prepare_run_metrics(workdir, metrics, *, inception_weights=None, mesh=None):
   """Checks `metrics` for the run in `workdir` before any sampling; returns the extractor
   (None when only bpd is asked for). Raises EvaluationError / InceptionWeightsError."""
-  from jaxddpm import runs  # pylint: disable=g-import-not-at-top
   metrics = parse_metrics(metrics)
   if not set(metrics) & set(METRICS):
     return None
@@ -640,9 +620,6 @@ def evaluate_run(workdir, images, *, metrics, extractor=None, bpd_num_examples=N
     {name: float} plus, for bpd, per-timestep [T] arrays (vb_per_t, mse_per_t,
     xstart_mse_per_t).
   """
-  from jaxddpm import models  # pylint: disable=g-import-not-at-top
-  from jaxddpm import parallel  # pylint: disable=g-import-not-at-top
-  from jaxddpm import runs  # pylint: disable=g-import-not-at-top
   metrics = parse_metrics(metrics)
   config = runs.read_config(workdir)
   mesh = parallel.make_mesh() if mesh is None else mesh
@@ -657,7 +634,7 @@ def evaluate_run(workdir, images, *, metrics, extractor=None, bpd_num_examples=N
   if 'bpd' in metrics:
     config, params, _ = runs.load_run(workdir, ema=True)
     params = jax.device_put(params, NamedSharding(mesh, P()))
-    model_fn = _model_fn(models.create_model(config), params)
+    model_fn = models.make_model_fn(models.create_model(config), params)
     n = int(config.eval.bpd_num_examples) if bpd_num_examples is None else bpd_num_examples
     schedule = schedules.schedule_from_config(config.diffusion)
     out.update(held_out_bits_per_dim(config, model_fn, schedule, jax.random.key(seed),

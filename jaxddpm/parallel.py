@@ -128,3 +128,14 @@ def any_process(flag: bool) -> bool:
     return flag
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+
+
+def fetch(x: jax.Array) -> np.ndarray:
+  """A global array -> NumPy, the same on every process (gathers other processes' shards).
+
+  All processes must call it for arrays that are not fully addressable.
+  """
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

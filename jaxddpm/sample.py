@@ -27,7 +27,6 @@ samples on 1 or 8 devices (to float32 rounding of the network). Bad input raises
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -39,10 +38,10 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.tree_util import Partial
 
 from jaxddpm import checkpoint
 from jaxddpm import diffusion
+from jaxddpm import images as images_lib
 from jaxddpm import models
 from jaxddpm import parallel
 from jaxddpm import runs
@@ -57,21 +56,6 @@ OUTPUT_NAMES = ('samples.npz', 'grid.png', 'images', 'psnr.json', 'metrics.json'
 
 class SampleError(ValueError):
   """Bad input to `sample_run` (the message says what and why)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class _Apply:
-  """The network's apply as a value: equal models give equal (hash-equal) functions, so a
-  compiled sampler is reused across calls."""
-  model: Any
-
-  def __call__(self, params, x, t, y=None):
-    return self.model.apply({'params': params}, x, t, y, train=False)
-
-
-def make_model_fn(model, params) -> Partial:
-  """model_fn(x, t, y=None) as a `Partial` over params, so jit takes them as arguments."""
-  return Partial(_Apply(model), params)
 
 
 def _require_checkpoint(workdir: str) -> None:
@@ -113,18 +97,6 @@ def load_inpainting_inputs(image_path: str, mask_path: str, image_size: int,
   if mask.min() == 1.0:
     raise SampleError('the mask keeps every pixel (white = keep); nothing to inpaint')
   return image, mask
-
-
-def to_uint8(x) -> np.ndarray:
-  """[-1, 1] floats -> uint8 (x + 1) * 127.5, rounded and clipped."""
-  return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _resolve(config, *, sampler, steps, eta, num_samples, batch_size, seed, class_label,
@@ -368,7 +340,7 @@ def _sample(loaded, opts, *, inpainting, inpaint_resample, inpaint_jump_length,
   size, channels = int(config.data.image_size), int(config.data.channels)
   num_classes = int(config.model.num_classes)
   rep = parallel.replicated(mesh)
-  model_fn = make_model_fn(models.create_model(config), jax.device_put(params, rep))
+  model_fn = models.make_model_fn(models.create_model(config), jax.device_put(params, rep))
   if opts['guidance_scale'] > 0:
     model_fn = samplers.classifier_free_guidance(model_fn, opts['guidance_scale'], num_classes)
 
@@ -418,20 +390,20 @@ def _sample(loaded, opts, *, inpainting, inpaint_resample, inpaint_jump_length,
     key = jax.random.fold_in(base_key, b)
     state = init_jit(key, jax.random.fold_in(key, 1))
     if num_classes:
-      labels.append(_to_host(state.model_kwargs['y']))
+      labels.append(parallel.fetch(state.model_kwargs['y']))
     for start in plan.chunk_starts:
       state, _ = run_chunk(plan, model_fn, state, start)
       if bar is not None:
         state.x.block_until_ready()
         bar.update(min(plan.chunk_length, plan.num_ops - start))
-    outputs.append(_to_host(state.x))
+    outputs.append(parallel.fetch(state.x))
   if bar is not None:
     bar.close()
 
   n = opts['num_samples']
   samples = np.concatenate(outputs)[:n]
   _check_finite(samples, step)
-  images = to_uint8(samples)
+  images = images_lib.to_uint8(samples)
   result = dict(images=images, samples=samples, labels=None, psnr=None)
   if num_classes:
     result['labels'] = np.concatenate(labels)[:n]
@@ -448,15 +420,12 @@ def write_outputs(output_dir: str, result: dict[str, Any], *, save_individual: b
   Raises:
     SampleError: a file could not be written (e.g. the disk is full).
   """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from jaxddpm import train  # pylint: disable=g-import-not-at-top
   try:
     os.makedirs(output_dir, exist_ok=True)
     arrays = {k: result[k] for k in ('images', 'labels', 'psnr') if result[k] is not None}
     np.savez(os.path.join(output_dir, 'samples.npz'), **arrays)
     images = result['images']
-    train.save_image_grid(images[:GRID_SIZE].astype(np.float32) / 127.5 - 1.0,
-                          os.path.join(output_dir, 'grid.png'))
+    images_lib.save_image_grid(images[:GRID_SIZE], os.path.join(output_dir, 'grid.png'))
     if result['psnr'] is not None:
       with open(os.path.join(output_dir, 'psnr.json'), 'w') as f:
         json.dump({'mean_psnr_db': float(np.mean(result['psnr'])),
@@ -465,7 +434,6 @@ def write_outputs(output_dir: str, result: dict[str, Any], *, save_individual: b
       folder = os.path.join(output_dir, 'images')
       os.makedirs(folder, exist_ok=True)
       for i, img in enumerate(images):
-        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(
-            os.path.join(folder, f'{i:06d}.png'))
+        images_lib.save_png(img, os.path.join(folder, f'{i:06d}.png'))
   except OSError as e:
     raise SampleError(f'could not write the samples to {output_dir!r}: {e}') from None

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import flax
 import jax
@@ -55,7 +55,6 @@ import numpy as np
 from jax.tree_util import Partial
 
 from jaxddpm import diffusion
-from jaxddpm import runtime
 from jaxddpm import schedules as schedules_lib
 
 SAMPLERS = ('ddpm', 'ddim')
@@ -361,13 +360,14 @@ def run_chunk(sampler: Sampler, model_fn: Callable[..., jax.Array], state: Sampl
 
 
 @functools.cache
-def _run_chunk_jit():
+def _run_chunk_jit(compiler_options: tuple[tuple[str, Any], ...]):
   # No donation: the state holds the caller's arrays (x_T, labels, inpainting reference).
-  return jax.jit(run_chunk, compiler_options=runtime.step_compiler_options())
+  return jax.jit(run_chunk, compiler_options=dict(compiler_options) or None)
 
 
 def sample(model_fn, sampler: Sampler, key, shape=None, *, x_T=None, model_kwargs=None,
-           known=None, mask=None, return_intermediates: bool = False):
+           known=None, mask=None, return_intermediates: bool = False,
+           compiler_options: dict[str, Any] | None = None):
   """Runs the whole plan (jit-compiled once per sampler structure and shape).
 
   Args:
@@ -375,6 +375,8 @@ def sample(model_fn, sampler: Sampler, key, shape=None, *, x_T=None, model_kwarg
     sampler: from `make_sampler`.
     key, shape, x_T, model_kwargs, known, mask: as in `Sampler.init`.
     return_intermediates: also return x after every `sampler.intermediate_every`-th operation.
+    compiler_options: XLA options of the compiled chunk (the shell passes its CPU tuning,
+      `jaxddpm.runtime.step_compiler_options()`).
 
   Returns:
     x_0 [B, H, W, C] float32 (not clipped), and with return_intermediates
@@ -384,7 +386,8 @@ def sample(model_fn, sampler: Sampler, key, shape=None, *, x_T=None, model_kwarg
   state = sampler.init(key, shape, x_T=x_T, model_kwargs=model_kwargs, known=known, mask=mask)
   chunks = []
   for start in sampler.chunk_starts:
-    state, xs = _run_chunk_jit()(sampler, model_fn, state, start)
+    state, xs = _run_chunk_jit(tuple(sorted((compiler_options or {}).items())))(
+        sampler, model_fn, state, start)
     chunks.append(xs)
   if not return_intermediates:
     return state.x

@@ -27,7 +27,6 @@ evaluation hook.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import signal
@@ -37,7 +36,6 @@ from typing import Any, Callable
 from absl import logging
 import flax
 import jax
-from jax.tree_util import Partial
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -47,6 +45,8 @@ from jaxddpm import checkpoint
 from jaxddpm import config_utils
 from jaxddpm import data as data_lib
 from jaxddpm import diffusion
+from jaxddpm import evaluation
+from jaxddpm import images as images_lib
 from jaxddpm import models
 from jaxddpm import parallel
 from jaxddpm import runtime
@@ -232,10 +232,6 @@ def make_train_step(config, model, schedule: schedules.Schedule) -> Callable:
 # Sample grids and the evaluation hook.
 
 
-def _apply_model(model, params, x, t, y=None):
-  return model.apply({'params': params}, x, t, y, train=False)
-
-
 def make_grid_sampler(config, model, schedule: schedules.Schedule, mesh) -> Callable:
   """Returns sample_grid(params, key) -> float32 [N, H, W, C] NumPy images in [-1, 1].
 
@@ -259,8 +255,6 @@ def make_grid_sampler(config, model, schedule: schedules.Schedule, mesh) -> Call
   num_classes = int(config.model.num_classes)
   sharding = (parallel.data_sharding(mesh) if num % mesh.size == 0
               else parallel.replicated(mesh))
-  # A functools.partial is static under jit; the params ride along as Partial arguments.
-  apply = functools.partial(_apply_model, model)
 
   @jax.jit
   def start(key):
@@ -272,41 +266,12 @@ def make_grid_sampler(config, model, schedule: schedules.Schedule, mesh) -> Call
   def sample_grid(params, key):
     x_T, y = start(key)
     model_kwargs = {'y': y} if num_classes > 0 else None
-    x = samplers.sample(Partial(apply, params), sampler, key, x_T=x_T, model_kwargs=model_kwargs)
-    return _fetch(x)
+    x = samplers.sample(models.make_model_fn(model, params), sampler, key, x_T=x_T,
+                        model_kwargs=model_kwargs,
+                        compiler_options=runtime.step_compiler_options())
+    return parallel.fetch(x)
 
   return sample_grid
-
-
-def _fetch(x: jax.Array) -> np.ndarray:
-  """A global array -> NumPy on every process (gathers shards across processes)."""
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def image_grid(images: np.ndarray, *, padding: int = 2) -> np.ndarray:
-  """[N, H, W, C] in [-1, 1] -> uint8 [rows*(H+p)+p, cols*(W+p)+p, C], cols = ceil(sqrt(N))."""
-  n, h, w, c = images.shape
-  cols = math.ceil(math.sqrt(n))
-  rows = math.ceil(n / cols)
-  pixels = np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
-  grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, c), np.uint8)
-  for i in range(n):
-    r, q = divmod(i, cols)
-    top, left = padding + r * (h + padding), padding + q * (w + padding)
-    grid[top:top + h, left:left + w] = pixels[i]
-  return grid
-
-
-def save_image_grid(images: np.ndarray, path: str) -> None:
-  """Writes `image_grid(images)` as a PNG."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  grid = image_grid(images)
-  if grid.shape[-1] == 1:
-    grid = grid[..., 0]
-  Image.fromarray(grid).save(path)
 
 
 def evaluate(config, model, schedule: schedules.Schedule, state: TrainState, mesh,
@@ -319,7 +284,6 @@ def evaluate(config, model, schedule: schedules.Schedule, state: TrainState, mes
   Returns {name: value}; the loop writes them to metrics.jsonl and TensorBoard
   under 'eval/<name>'. All processes call it.
   """
-  from jaxddpm import evaluation  # pylint: disable=g-import-not-at-top
   return evaluation.training_metrics(config, model, schedule, state.ema_params, mesh,
                                      step=int(jax.device_get(state.step)), workdir=workdir)
 
@@ -614,8 +578,9 @@ def _train_locked(config, workdir: str, pipeline) -> dict[str, Any]:
           images = sample_grid(state.ema_params, grid_key)
           if main:
             os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
-            save_image_grid(images, os.path.join(workdir, 'samples', f'step_{step:06d}.png'))
-            writer.image(step, 'samples', image_grid(images))
+            grid = images_lib.image_grid(images)
+            images_lib.save_png(grid, os.path.join(workdir, 'samples', f'step_{step:06d}.png'))
+            writer.image(step, 'samples', grid)
         if _crossed(before, step, int(t.eval_every)):
           _evaluate_and_log(config, model, schedule, state, mesh, workdir, writer, step)
         # Sample grids and evaluations are not training: keep them out of steps/s and the ETA.

@@ -12,7 +12,7 @@ from configs import tiny
 from jaxddpm import data
 from jaxddpm import diffusion
 from jaxddpm import models
-from jaxddpm import sample
+from jaxddpm import runtime
 from jaxddpm import samplers
 from jaxddpm import schedules
 from jaxddpm import train
@@ -44,6 +44,7 @@ def compute() -> dict[str, np.ndarray]:
                                    model_mean_type=types['model_mean_type'],
                                    model_var_type=types['model_var_type'])
       for which in ('params', 'ema_params'):
-        model_fn = sample.make_model_fn(model, getattr(state, which))
-        out[f'{name}_{which}'] = np.asarray(samplers.sample(model_fn, plan, key, shape))
+        model_fn = models.make_model_fn(model, getattr(state, which))
+        out[f'{name}_{which}'] = np.asarray(samplers.sample(
+            model_fn, plan, key, shape, compiler_options=runtime.step_compiler_options()))
   return out

@@ -18,6 +18,7 @@ import scipy.stats
 from configs import cifar
 from jaxddpm import diffusion
 from jaxddpm import evaluation
+from jaxddpm import images as images_lib
 from jaxddpm import parallel
 from jaxddpm import schedules
 from jaxddpm.models import inception
@@ -193,7 +194,7 @@ class _LinearExtractor:
   prefix: str = 'lin_'
 
   def features(self, images):
-    x = evaluation.to_uint8(images).reshape(len(images), -1).astype(np.float64) / 255.0
+    x = images_lib.to_uint8(images).reshape(len(images), -1).astype(np.float64) / 255.0
     w = np.random.default_rng(0).standard_normal((x.shape[1], 6))
     return x @ w, x @ w[:, :4]
 
@@ -264,7 +265,7 @@ def test_digits_classifier(digits_cnn_cache):
 
   reloaded = evaluation.DigitsExtractor.load_or_train(cache, image_size=8)  # from the cache
   f1, l1 = extractor.features(test_x[:5])
-  f2, l2 = reloaded.features(evaluation.to_uint8(test_x[:5]))
+  f2, l2 = reloaded.features(images_lib.to_uint8(test_x[:5]))
   np.testing.assert_allclose(f1, f2, rtol=1e-6, atol=1e-6)
   assert np.mean(np.argmax(l2, -1) == test_y[:5]) >= 0.8
   with pytest.raises(ValueError, match='8px'):

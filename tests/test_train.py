@@ -22,6 +22,7 @@ import pytest
 
 from configs import tiny
 from jaxddpm import checkpoint
+from jaxddpm import images as images_lib
 from jaxddpm import schedules
 from jaxddpm import train
 
@@ -223,7 +224,7 @@ def test_loss_aware_timesteps_keep_a_history():
 
 def test_image_grid_layout():
   images = np.stack([np.full((2, 3, 1), v, np.float32) for v in (-1.0, 0.0, 1.0)])
-  grid = train.image_grid(images, padding=1)
+  grid = images_lib.image_grid(images, padding=1)
   assert grid.shape == (2 * 3 + 1, 2 * 4 + 1, 1)  # 2 columns, 2 rows
   assert grid[1, 1, 0] == 0 and grid[1, 5, 0] == 128 and grid[4, 1, 0] == 255
   assert grid[0, 0, 0] == 0 and grid[4, 5, 0] == 0  # padding, empty cell

@@ -5,10 +5,12 @@ so the model code does not depend on the config schema; `unet_config_from`
 is the one place that reads `config.model`.
 """
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+from jax.tree_util import Partial
 
 from jaxddpm.models.unet import UNet, UNetConfig
 
@@ -87,16 +89,25 @@ def _apply(model: UNet, params, x, t, y, dropout_rng, train: bool):
   return model.apply({'params': params}, x, t, y, train=train, rngs=rngs)
 
 
-def make_model_fn(model: UNet, params, *, train: bool = False, dropout_rng=None):
-  """model_fn(x, t, y=None) -> [B, H, W, out_channels], a closure over params.
+@dataclasses.dataclass(frozen=True)
+class _Apply:
+  """The network's forward pass as a value: equal models give equal (hash-equal)
+  functions, so compiled samplers and steps are reused across calls."""
+  model: UNet
+  train: bool
 
-  This is the network as the diffusion math and the samplers see it. With
+  def __call__(self, params, dropout_rng, x, t, y=None):
+    return _apply(self.model, params, x, t, y, dropout_rng, train=self.train)
+
+
+def make_model_fn(model: UNet, params, *, train: bool = False, dropout_rng=None) -> Partial:
+  """model_fn(x, t, y=None) -> [B, H, W, out_channels]: the network as the diffusion math
+  and the samplers see it.
+
+  A `jax.tree_util.Partial` over (params, dropout_rng), so under jit the
+  parameters are arguments, not constants compiled into the program. With
   train=True (dropout and label dropout on) a `dropout_rng` is required.
   """
   if train and dropout_rng is None:
     raise ValueError('make_model_fn(train=True) needs a dropout_rng')
-
-  def model_fn(x, t, y=None):
-    return _apply(model, params, x, t, y, dropout_rng, train=train)
-
-  return model_fn
+  return Partial(_Apply(model, train), params, dropout_rng)
