@@ -212,8 +212,9 @@ def make_sampler(schedule: schedules_lib.Schedule, *, sampler: str = 'ddpm',
       eq. 12; sigma_t = eta sqrt((1 - abar_{t-1})/(1 - abar_t)) sqrt(1 - abar_t/abar_{t-1}),
       eq. 16).
     num_steps: number of denoising steps (default T). Fewer than T respaces the schedule
-      (improved DDPM sec. 4) on `timestep_spacing` ('uniform' | 'quad', see
-      `schedules.space_timesteps`).
+      (improved DDPM sec. 4) on `timestep_spacing`, a name in `schedules.SPACINGS`:
+      'uniform' (improved-diffusion's), 'ddim', diffusers' 'leading' / 'trailing' /
+      'linspace', or 'quad' (see `schedules.space_timesteps`).
     eta: DDIM's eta in [0, 1] (0: deterministic given x_T; 1: DDPM-like variance).
     model_mean_type, model_var_type, clip_denoised: as in `diffusion.p_mean_variance`
       (clip_denoised clips the predicted x_0 to [-1, 1]).

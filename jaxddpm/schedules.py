@@ -20,18 +20,19 @@ Beta schedules (t = 0..T-1):
             abar(u) = cos((u + s) / (1 + s) pi/2)^2, s = 0.008, max_beta = 0.999
 """
 
+import dataclasses
+import re
 from typing import Iterable
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 SCHEDULES = ('linear', 'cosine', 'quad', 'sigmoid', 'const', 'jsd', 'warmup10', 'warmup50')
-SPACINGS = ('uniform', 'quad')
+SPACINGS = ('uniform', 'ddim', 'leading', 'trailing', 'linspace', 'quad')
 
 
-@flax.struct.dataclass
+@dataclasses.dataclass(frozen=True)
 class Schedule:
   """Per-timestep coefficients of the forward process, float32 arrays of shape [T].
 
@@ -54,6 +55,10 @@ class Schedule:
     stands for; arange(T) unless made by `respace`. `diffusion.p_mean_variance` and
     `diffusion.training_losses` call the model with timestep_map[t], so a respaced schedule
     needs no wrapping of the model function.
+  - alphas_cumprod64: float64 NumPy [T] abar_t, or None. Host-side only, not a pytree leaf: the
+    constructors here (make_schedule, schedule_from_betas, respace) keep it so that `respace`
+    loses nothing to the float32 storage; a Schedule rebuilt by a JAX transformation (jit,
+    jax.tree.map, device_put) has None.
   """
   betas: jax.Array
   alphas_cumprod: jax.Array
@@ -69,11 +74,20 @@ class Schedule:
   posterior_mean_coef1: jax.Array
   posterior_mean_coef2: jax.Array
   timestep_map: jax.Array
+  alphas_cumprod64: np.ndarray | None = dataclasses.field(default=None, repr=False,
+                                                          compare=False)
 
   @property
   def num_timesteps(self) -> int:
     """T, static under jit (it is a shape)."""
     return self.betas.shape[0]
+
+
+# Every field but the host-side float64 copy is a leaf; unflattening leaves that copy None.
+jax.tree_util.register_dataclass(
+    Schedule,
+    data_fields=[f.name for f in dataclasses.fields(Schedule) if f.name != 'alphas_cumprod64'],
+    meta_fields=[], drop_fields=['alphas_cumprod64'])
 
 
 def _check_num_timesteps(num_timesteps):
@@ -161,10 +175,16 @@ def _check_betas(betas):
     raise ValueError(f'betas must lie in (0, 1], got betas[{i}] = {float(betas[i])!r}')
 
 
-def _schedule_from_betas64(betas, timestep_map):
-  """Everything in float64, stored float32 (DDPM eqs. 4, 6, 7; reference-code conventions)."""
+def _schedule_from_betas64(betas, timestep_map, alphas_cumprod=None):
+  """Everything in float64, stored float32 (DDPM eqs. 4, 6, 7; reference-code conventions).
+
+  alphas_cumprod: float64 abar when known exactly (`respace`); default cumprod(1 - betas).
+  """
   alphas = 1.0 - betas
-  alphas_cumprod = np.cumprod(alphas)
+  if alphas_cumprod is None:
+    alphas_cumprod = np.cumprod(alphas)
+  alphas_cumprod = np.array(alphas_cumprod, dtype=np.float64)
+  alphas_cumprod.flags.writeable = False  # part of a frozen Schedule
   alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
   alphas_cumprod_next = np.append(alphas_cumprod[1:], 0.0)
   with np.errstate(divide='ignore'):  # abar_t = 0 only for the jsd schedule's last step
@@ -190,6 +210,7 @@ def _schedule_from_betas64(betas, timestep_map):
       posterior_mean_coef2=f32(
           (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod)),
       timestep_map=jnp.asarray(timestep_map, dtype=jnp.int32),
+      alphas_cumprod64=alphas_cumprod,
   )
 
 
@@ -225,32 +246,126 @@ def schedule_from_config(config) -> Schedule:
                        beta_start=config.beta_start, beta_end=config.beta_end, **kw)
 
 
-def space_timesteps(num_timesteps: int, num_steps: int, kind: str = 'uniform') -> np.ndarray:
-  """Timesteps kept when sampling with fewer steps; sorted int64 array.
+def _check_count(name, value, low, high):
+  if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+      or not low <= value <= high):
+    raise ValueError(f'{name} must be an integer in [{low}, {high}], got {value!r}')
 
-  - 'uniform': num_steps timesteps evenly spread over [0, T-1], both ends included, rounded to
-    the nearest integer (improved-diffusion's `space_timesteps` with a single section).
-  - 'quad': int(linspace(0, sqrt(0.8 T), num_steps)^2) (DDIM, Song et al. 2021, sec. D.2 and its
-    reference code). Duplicates at small t are removed, so fewer than num_steps may be returned
-    when num_steps is large relative to sqrt(0.8 T).
+
+def _parse_steps(num_steps, spacing):
+  """(spacing, num_steps or section counts) from `space_timesteps`' arguments."""
+  if not isinstance(num_steps, str):
+    return spacing, num_steps
+  match = re.fullmatch(r'([a-z]+)(\d+)', num_steps)
+  if match:
+    if spacing != 'uniform' and spacing != match[1]:
+      raise ValueError(f'num_steps {num_steps!r} names a spacing; got spacing={spacing!r} too')
+    return match[1], int(match[2])
+  try:
+    return spacing, [int(c) for c in num_steps.split(',')]
+  except ValueError:
+    raise ValueError(f'cannot parse num_steps {num_steps!r}: expected an int, comma-separated '
+                     f"section counts ('10,15,20') or a spacing name and a count "
+                     f"('ddim50', 'trailing50')") from None
+
+
+def _sections(num_timesteps, section_counts):
+  """improved-diffusion's spacing: section i of the T timesteps (the first T mod n sections one
+  longer) keeps section_counts[i] of its `size` timesteps at round(x_j), where x_0 = 0 and
+  x_{j+1} = x_j + (size - 1) / (count - 1) accumulates the float stride by repeated addition
+  and round() is Python's (ties to even). Computing x_j as j * stride instead rounds differently
+  for 278 of the 1000 single-section counts at T = 1000."""
+  counts = list(section_counts)
+  if not counts:
+    raise ValueError('section counts must not be empty')
+  for c in counts:
+    _check_count('a section count', c, 0, num_timesteps)
+  if sum(counts) < 1:
+    raise ValueError(f'section counts must keep at least one timestep, got {counts}')
+  size_per, extra = divmod(num_timesteps, len(counts))
+  steps, start = [], 0
+  for i, count in enumerate(counts):
+    size = size_per + (1 if i < extra else 0)
+    if count > size:
+      raise ValueError(f'cannot keep {count} timesteps of a section of {size} '
+                       f'(section counts {counts}, T = {num_timesteps})')
+    stride = (size - 1) / (count - 1) if count > 1 else 1.0
+    x = 0.0
+    for _ in range(count):
+      steps.append(start + round(x))
+      x += stride
+    start += size
+  return steps
+
+
+def _ddim_stride(num_timesteps, num_steps):
+  """range(0, T, s) for the integer stride s in [1, T) with exactly num_steps elements."""
+  for stride in range(1, num_timesteps):
+    if len(range(0, num_timesteps, stride)) == num_steps:
+      return list(range(0, num_timesteps, stride))
+  raise ValueError(f'no integer stride gives exactly {num_steps} timesteps of '
+                   f'{num_timesteps} (ddim spacing)')
+
+
+def space_timesteps(num_timesteps: int, num_steps, spacing: str = 'uniform', *,
+                    steps_offset: int = 0) -> np.ndarray:
+  """Timesteps kept when sampling with fewer steps (for `respace`); sorted unique int64 array.
+
+  `num_steps` is an int N in [1, T], or a string: a spacing name and N ('ddim50', 'trailing25';
+  then `spacing` is that name), or improved-diffusion's comma-separated section counts
+  ('10,15,20'; a list of ints also works; 'uniform' only). With T = num_timesteps, `spacing`:
+
+  - 'uniform' (default): improved-diffusion's `space_timesteps` with one section (or the given
+    sections): N timesteps evenly spread over [0, T-1], both ends included, rounded as
+    improved-diffusion does (see `_sections`). Equal to it for every N and section string.
+  - 'ddim': improved-diffusion's "ddimN", the DDIM paper's {0, s, 2s, ...} = range(0, T, s)
+    with the integer stride s giving exactly N timesteps ('ddim50' at T = 1000: 0, 20, ..., 980);
+    ValueError if no stride does.
+  - 'leading': diffusers' timestep_spacing='leading': arange(N) * (T // N) + steps_offset
+    (diffusers' default steps_offset is 0; Stable Diffusion's scheduler configs use 1).
+  - 'trailing': diffusers' 'trailing' (Lin et al. 2024, Table 2): round(arange(T, 0, -T/N)) - 1
+    with NumPy's round (ties to even), so T-1 is always kept. For some N (61 at T = 1000) float
+    round-off makes that arange one element longer, ending in -1; only its first N are used.
+  - 'linspace': diffusers' 'linspace': round(linspace(0, T-1, N)) with NumPy's round.
+  - 'quad': int(linspace(0, sqrt(0.8 T), N)^2) (DDIM, Song et al. 2021, sec. D.2 and its
+    reference code's skip_type 'quad'). Duplicates at small t are removed, so fewer than N may
+    be returned when N is large relative to sqrt(0.8 T).
+
+  Returned ascending (diffusers lists its timesteps descending; the set is the same).
 
   Raises:
-    ValueError: unknown kind, T < 2, or num_steps outside [1, T].
+    ValueError: naming the bad value: unknown spacing, T < 2, N outside [1, T], sections that
+      do not fit, a 'ddim' count no integer stride gives, timesteps outside [0, T).
   """
   _check_num_timesteps(num_timesteps)
-  if kind not in SPACINGS:
-    raise ValueError(f'unknown timestep spacing {kind!r}; expected one of {SPACINGS}')
-  if (isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer))
-      or not 1 <= num_steps <= num_timesteps):
-    raise ValueError(f'num_steps must be an integer in [1, {num_timesteps}], got {num_steps!r}')
-  if kind == 'uniform':
-    if num_steps == 1:
-      return np.zeros(1, dtype=np.int64)
-    stride = (num_timesteps - 1) / (num_steps - 1)
-    steps = [round(i * stride) for i in range(num_steps)]
-  else:
-    steps = (np.linspace(0, np.sqrt(num_timesteps * 0.8), num_steps) ** 2).astype(np.int64)
-  return np.unique(np.asarray(steps, dtype=np.int64))
+  spacing, num_steps = _parse_steps(num_steps, spacing)
+  if spacing not in SPACINGS:
+    raise ValueError(f'unknown timestep spacing {spacing!r}; expected one of {SPACINGS}')
+  _check_count('steps_offset', steps_offset, 0, num_timesteps - 1)
+  if steps_offset and spacing != 'leading':
+    raise ValueError(f"steps_offset applies to 'leading' spacing only, got {spacing!r}")
+  t = num_timesteps
+  if spacing == 'uniform' and not isinstance(num_steps, (int, np.integer)):
+    return np.unique(np.asarray(_sections(t, num_steps), dtype=np.int64))
+  _check_count('num_steps', num_steps, 1, t)
+  n = int(num_steps)
+  if spacing == 'uniform':
+    steps = _sections(t, [n])
+  elif spacing == 'ddim':
+    steps = _ddim_stride(t, n)
+  elif spacing == 'leading':
+    steps = np.arange(n) * (t // n) + steps_offset
+  elif spacing == 'trailing':
+    steps = np.round(np.arange(t, 0, -t / n))[:n] - 1
+  elif spacing == 'linspace':
+    steps = np.round(np.linspace(0, t - 1, n))
+  else:  # quad
+    steps = np.linspace(0, np.sqrt(t * 0.8), n) ** 2
+  steps = np.unique(np.asarray(steps).astype(np.int64))
+  if steps[0] < 0 or steps[-1] >= t:
+    raise ValueError(f'{spacing!r} spacing of {n} steps (steps_offset {steps_offset}) leaves '
+                     f'[0, {t}): {steps[0]}..{steps[-1]}')
+  return steps
 
 
 def respace(schedule: Schedule, use_timesteps: Iterable[int]) -> Schedule:
@@ -258,9 +373,12 @@ def respace(schedule: Schedule, use_timesteps: Iterable[int]) -> Schedule:
 
   With kept timesteps S_0 < S_1 < ... < S_{K-1}, the new process has
   abar'_k = abar_{S_k} and beta'_k = 1 - abar_{S_k} / abar_{S_{k-1}} (abar_{S_{-1}} = 1); every
-  other coefficient is rederived from beta' in float64. abar is recomputed in float64 from the
-  stored betas, so spacing loses no precision to the float32 alphas_cumprod. The result's
-  timestep_map[k] is the original timestep of S_k (composes when respacing twice).
+  other coefficient is rederived in float64. abar is the schedule's float64
+  `alphas_cumprod64`, so respacing is exact (the stored float32 abar' is the float32 rounding
+  of the float64 abar_{S_k}). A Schedule that lost alphas_cumprod64 (one rebuilt by a JAX
+  transformation) falls back to abar recomputed from the float32 betas, off by up to ~1e-5
+  relative where beta is near 1 (cosine's clipped last steps). The result's timestep_map[k] is
+  the original timestep of S_k (composes when respacing twice).
 
   This runs on the host (not under jit): use_timesteps is a Python/NumPy collection.
 
@@ -278,7 +396,10 @@ def respace(schedule: Schedule, use_timesteps: Iterable[int]) -> Schedule:
     raise ValueError(f'use_timesteps must lie in [0, {t}), got {int(bad)}')
   if use.size < 2:
     raise ValueError(f'respace needs at least 2 timesteps, got {use.tolist()}')
-  alphas_cumprod = np.cumprod(1.0 - np.asarray(schedule.betas, dtype=np.float64))[use]
+  if schedule.alphas_cumprod64 is not None:
+    alphas_cumprod = schedule.alphas_cumprod64[use]
+  else:
+    alphas_cumprod = np.cumprod(1.0 - np.asarray(schedule.betas, dtype=np.float64))[use]
   betas = 1.0 - alphas_cumprod / np.append(1.0, alphas_cumprod[:-1])
   _check_betas(betas)
-  return _schedule_from_betas64(betas, np.asarray(schedule.timestep_map)[use])
+  return _schedule_from_betas64(betas, np.asarray(schedule.timestep_map)[use], alphas_cumprod)

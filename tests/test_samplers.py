@@ -116,7 +116,7 @@ def test_ddim_1000_steps_reproduces_gaussian(schedule):
 
 @pytest.mark.parametrize('kind,num_steps,eta,spacing', [
     ('ddim', 50, 0.0, 'uniform'), ('ddim', 50, 1.0, 'uniform'), ('ddim', 50, 0.5, 'quad'),
-    ('ddpm', 100, 0.0, 'uniform')])
+    ('ddim', 25, 0.0, 'trailing'), ('ddpm', 100, 0.0, 'uniform')])
 def test_few_steps_match_exact_recursion(schedule, kind, num_steps, eta, spacing):
   sampler = samplers.make_sampler(schedule, sampler=kind, num_steps=num_steps, eta=eta,
                                   timestep_spacing=spacing, clip_denoised=False)

@@ -149,14 +149,93 @@ def test_schedule_from_betas_errors():
     schedules.schedule_from_betas(np.full((2, 2), 0.1))
 
 
+def improved_diffusion_spacing(num_timesteps, section_counts):
+  """improved-diffusion's `space_timesteps` (respace.py), its arithmetic followed literally: the
+  float stride is accumulated by repeated addition and rounded with Python's round()."""
+  size_per = num_timesteps // len(section_counts)
+  extra = num_timesteps % len(section_counts)
+  start_idx, all_steps = 0, []
+  for i, section_count in enumerate(section_counts):
+    size = size_per + (1 if i < extra else 0)
+    frac_stride = 1 if section_count <= 1 else (size - 1) / (section_count - 1)
+    cur_idx = 0.0
+    for _ in range(section_count):
+      all_steps.append(start_idx + round(cur_idx))
+      cur_idx += frac_stride
+    start_idx += size
+  return sorted(set(all_steps))
+
+
+def test_space_timesteps_uniform_is_improved_diffusion_for_every_count():
+  for k in range(1, T + 1):
+    np.testing.assert_array_equal(schedules.space_timesteps(T, k),
+                                  improved_diffusion_spacing(T, [k]), err_msg=f'k = {k}')
+
+
+@pytest.mark.parametrize('k, index, want', [
+    # Counts where round(i * stride) and the accumulated stride round a tie apart
+    # (e.g. k = 21: 10 * 49.95 is 499.5 in i * stride, 499.4999... accumulated).
+    (21, 10, 499), (31, 15, 500), (45, 22, 499), (121, 100, 833)])
+def test_space_timesteps_uniform_ties(k, index, want):
+  steps = schedules.space_timesteps(T, k)
+  assert len(steps) == k and steps[index] == want
+
+
 def test_space_timesteps_uniform():
-  # improved-diffusion's single-section spacing: round(i * (T - 1) / (K - 1)).
   np.testing.assert_array_equal(schedules.space_timesteps(1000, 10),
                                 [0, 111, 222, 333, 444, 555, 666, 777, 888, 999])
   np.testing.assert_array_equal(schedules.space_timesteps(10, 10), np.arange(10))
   np.testing.assert_array_equal(schedules.space_timesteps(100, 1), [0])
-  steps = schedules.space_timesteps(1000, 37)
-  assert len(steps) == 37 and steps[0] == 0 and steps[-1] == 999
+  np.testing.assert_array_equal(schedules.space_timesteps(1000, 'uniform10'),
+                                schedules.space_timesteps(1000, 10))
+
+
+def test_space_timesteps_sections():
+  # improved-diffusion's docstring example: T = 300 in sections of 10, 15 and 20 steps.
+  for counts in ('10,15,20', [10, 15, 20]):
+    np.testing.assert_array_equal(schedules.space_timesteps(300, counts),
+                                  improved_diffusion_spacing(300, [10, 15, 20]))
+  steps = schedules.space_timesteps(300, '10,15,20')
+  assert len(steps) == 45 and steps[10:18].tolist() == [100, 107, 114, 121, 128, 135, 142, 149]
+  for t, counts in [(1000, [3, 7]), (1001, [5, 0, 9]), (250, [1, 2, 3, 4])]:
+    np.testing.assert_array_equal(schedules.space_timesteps(t, counts),
+                                  improved_diffusion_spacing(t, counts))
+
+
+def test_space_timesteps_ddim():
+  # improved-diffusion's "ddimN": range(0, T, s) for the integer stride s giving N steps.
+  np.testing.assert_array_equal(schedules.space_timesteps(1000, 'ddim50'), range(0, 1000, 20))
+  np.testing.assert_array_equal(schedules.space_timesteps(1000, 50, 'ddim'), range(0, 1000, 20))
+  np.testing.assert_array_equal(schedules.space_timesteps(1000, 'ddim7'), range(0, 1000, 143))
+  np.testing.assert_array_equal(schedules.space_timesteps(1000, 'ddim1000'), range(1000))
+
+
+@pytest.mark.parametrize('t, n, spacing, want', [
+    # diffusers DDIMScheduler / DDPMScheduler.set_timesteps, timestep_spacing=..., steps_offset=0:
+    # leading arange(N) * (T // N); trailing round(arange(T, 0, -T / N)) - 1;
+    # linspace round(linspace(0, T - 1, N)) (NumPy's round: 24.5 -> 24).
+    (1000, 10, 'leading', [0, 100, 200, 300, 400, 500, 600, 700, 800, 900]),
+    (1000, 10, 'trailing', [99, 199, 299, 399, 499, 599, 699, 799, 899, 999]),
+    (1000, 10, 'linspace', [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]),
+    (50, 7, 'leading', [0, 7, 14, 21, 28, 35, 42]),
+    (50, 7, 'trailing', [6, 13, 20, 28, 35, 42, 49]),
+    (50, 7, 'linspace', [0, 8, 16, 24, 33, 41, 49]),
+    # DDIM's skip_type 'quad': int(linspace(0, sqrt(0.8 T), N) ** 2).
+    (1000, 10, 'quad', [0, 9, 39, 88, 158, 246, 355, 483, 632, 800]),
+])
+def test_space_timesteps_named(t, n, spacing, want):
+  np.testing.assert_array_equal(schedules.space_timesteps(t, n, spacing), want)
+  np.testing.assert_array_equal(schedules.space_timesteps(t, f'{spacing}{n}'), want)
+
+
+def test_space_timesteps_leading_offset_and_trailing_length():
+  np.testing.assert_array_equal(schedules.space_timesteps(1000, 10, 'leading', steps_offset=1),
+                                np.arange(10) * 100 + 1)
+  # arange(1000, 0, -1000 / 61) has 62 elements (float round-off), the last rounding to -1.
+  steps = schedules.space_timesteps(1000, 61, 'trailing')
+  assert len(steps) == 61 and steps[0] == 15 and steps[-1] == 999
+  for spacing in ('uniform', 'ddim', 'leading', 'trailing', 'linspace'):
+    np.testing.assert_array_equal(schedules.space_timesteps(100, 100, spacing), np.arange(100))
 
 
 def test_space_timesteps_quad():
@@ -168,22 +247,51 @@ def test_space_timesteps_quad():
   assert np.all(np.diff(steps) > 0)
 
 
-@pytest.mark.parametrize('args, bad', [
-    ((1000, 0), '0'), ((1000, 1001), '1001'), ((1000, 10, 'cubic'), "'cubic'"), ((1, 1), '1')])
-def test_space_timesteps_errors(args, bad):
+@pytest.mark.parametrize('args, kwargs, bad', [
+    ((1000, 0), {}, '0'), ((1000, 1001), {}, '1001'), ((1000, 10, 'cubic'), {}, "'cubic'"),
+    ((1, 1), {}, '1'), ((1000, 'ddim999'), {}, '999'), ((1000, 'ddim1'), {}, 'exactly 1'),
+    ((1000, '600,600'), {}, '600'), ((1000, 'ddim50', 'trailing'), {}, 'trailing'),
+    ((1000, 'cubic5'), {}, "'cubic'"), ((1000, '5 steps'), {}, "'5 steps'"),
+    ((1000, 10, 'trailing'), dict(steps_offset=1), "'trailing'"),
+    ((1000, 10, 'leading'), dict(steps_offset=-1), '-1')])
+def test_space_timesteps_errors(args, kwargs, bad):
   with pytest.raises(ValueError) as info:
-    schedules.space_timesteps(*args)
+    schedules.space_timesteps(*args, **kwargs)
   assert bad in str(info.value)
 
 
-@pytest.mark.parametrize('name, rtol', [
-    ('linear', 2e-6),
-    # abar is rebuilt from the float32 betas; cosine's last beta is 0.999, where the float32
-    # rounding of beta is a 6e-5 relative error in 1 - beta.
-    ('cosine', 1e-4)])
-def test_respace_all_timesteps_is_identity(name, rtol):
+@pytest.mark.parametrize('name', ['linear', 'cosine'])
+def test_respace_all_timesteps_is_identity(name):
   schedule = schedules.make_schedule(name, 100)
-  chex.assert_trees_all_close(schedules.respace(schedule, range(100)), schedule, rtol=rtol)
+  chex.assert_trees_all_equal(schedules.respace(schedule, range(100)), schedule)
+
+
+@pytest.mark.parametrize('name', ['linear', 'cosine'])
+@pytest.mark.parametrize('spacing, num_steps', [
+    ('uniform', 10), ('uniform', 50), ('uniform', 999), ('ddim', 100), ('trailing', 25),
+    ('quad', 40)])
+def test_respaced_alphas_cumprod_is_exact(name, spacing, num_steps):
+  # abar'_k = abar_{S_k} in float64 (improved DDPM sec. 4); float32 storage alone rounds by
+  # <= 2^-24 ~ 6e-8. Cosine's clipped betas (0.999) once cost 1.3e-5 here.
+  abar = np.cumprod(1 - reference_betas(name, T))
+  use = schedules.space_timesteps(T, num_steps, spacing)
+  spaced = schedules.respace(schedules.make_schedule(name, T), use)
+  np.testing.assert_allclose(np.asarray(spaced.alphas_cumprod, np.float64), abar[use],
+                             rtol=1e-7, atol=0)
+  np.testing.assert_allclose(spaced.alphas_cumprod64, abar[use], rtol=1e-12, atol=0)
+  twice = schedules.respace(spaced, [0, 3, 7])
+  np.testing.assert_allclose(np.asarray(twice.alphas_cumprod, np.float64), abar[use[[0, 3, 7]]],
+                             rtol=1e-7, atol=0)
+
+
+def test_float64_alphas_cumprod_is_host_side_only():
+  schedule = schedules.make_schedule('cosine', 50)
+  assert len(jax.tree.leaves(schedule)) == 14
+  rebuilt = jax.tree.map(lambda a: a, schedule)
+  assert rebuilt.alphas_cumprod64 is None and schedule.alphas_cumprod64.dtype == np.float64
+  # Without it respace falls back to the float32 betas (still a valid schedule).
+  np.testing.assert_allclose(schedules.respace(rebuilt, [0, 10, 49]).alphas_cumprod,
+                             schedule.alphas_cumprod[np.array([0, 10, 49])], rtol=1e-4)
 
 
 def test_respace_matches_improved_ddpm():
