@@ -1,0 +1,282 @@
+"""Training objectives: loss weightings, timestep samplers and the denoising loss factory.
+
+An objective is `loss_fn(params, batch, key, timestep_state=None) -> (loss, metrics)`, a pure
+function of the parameters, one batch `{'x': [B, ...], 'cond': {...}}` and the step's key; the
+train step differentiates it with `jax.value_and_grad(loss_fn, has_aux=True)`.
+
+References:
+  [DDPM]   Ho, Jain, Abbeel. Denoising Diffusion Probabilistic Models. 2020.
+  [IDDPM]  Nichol, Dhariwal. Improved Denoising Diffusion Probabilistic Models. 2021.
+  [PD]     Salimans, Ho. Progressive Distillation for Fast Sampling of Diffusion Models. 2022.
+  [MinSNR] Hang et al. Efficient Diffusion Training via Min-SNR Weighting Strategy. 2023.
+
+Loss weightings. With x_t = alpha_t x + sigma_t eps, alpha_t^2 = abar_t, sigma_t^2 = 1 - abar_t
+and SNR_t = alpha_t^2 / sigma_t^2 = abar_t / (1 - abar_t), the three targets' errors are
+multiples of the x-space error of the x_0-hat they imply ([PD] sec. 4 and appendix D):
+
+  eps - eps_hat = (alpha_t / sigma_t) (x_0-hat - x)     so  MSE_eps = SNR_t MSE_x0,
+  v - v_hat     = (x_0-hat - x) / sigma_t               so  MSE_v = (SNR_t + 1) MSE_x0.
+
+A weighting is defined by its weight lambda(t) on the x-space loss lambda(t) ||x - x_0-hat||^2;
+on a target's MSE it becomes lambda / SNR (eps), lambda (x0), lambda / (SNR + 1) (v), so one
+weighting trains the same x-space objective whichever mean type the network predicts:
+
+  weighting      lambda (x0)   eps                v                       source
+  uniform        per target: 1 on every target's MSE (L_simple for eps)  [DDPM eq. 14]
+  min_snr        min(SNR, g)   min(1, g / SNR)    min(SNR, g) / (SNR + 1)  [MinSNR sec. 3]
+  truncated_snr  max(SNR, 1)   max(1, 1 / SNR)    max(abar, 1 - abar)      [PD sec. 4, eq. 9-10]
+  snr_plus_one   SNR + 1       1 + 1 / SNR        1                        [PD sec. 4, eq. 9-10]
+
+truncated_snr is max(||x - x_0-hat||^2, ||eps - eps-hat||^2) and snr_plus_one is
+||x - x_0-hat||^2 + ||eps - eps-hat||^2 = ||v - v-hat||^2 [PD sec. 4].
+
+'uniform' is the one exception: it is 1 on the MSE of whatever the network predicts (so its
+x-space weight is SNR for eps, 1 for x0, SNR + 1 for v). g is min_snr_gamma (5 in [MinSNR]).
+Min-SNR's eps and v forms are those of the paper's code and diffusers'
+examples/text_to_image/train_text_to_image.py (`compute_snr`): min(SNR, g) / SNR and
+min(SNR, g) / (SNR + 1).
+
+Timestep samplers are (init, sample, update) triples in the style of optax: `uniform_timesteps`
+([DDPM] Algorithm 1) and `loss_aware_timesteps` (importance sampling, [IDDPM] sec. 3.3).
+"""
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from jaxddpm import diffusion
+from jaxddpm.schedules import Schedule
+
+WEIGHTINGS = ('uniform', 'min_snr', 'truncated_snr', 'snr_plus_one')
+
+PyTree = Any
+# apply_fn(params, x_t, t, cond, key) -> [B, ...] or [B, ..., 2C]: the network in training
+# mode; t is the original timestep (schedule.timestep_map of the index), key its dropout key.
+ApplyFn = Callable[[PyTree, jax.Array, jax.Array, dict, jax.Array], jax.Array]
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def _check_weighting(weighting: str, min_snr_gamma: float) -> None:
+  if weighting not in WEIGHTINGS:
+    raise ValueError(f'unknown weighting {weighting!r}; expected one of {WEIGHTINGS}')
+  if weighting == 'min_snr' and not min_snr_gamma > 0:
+    raise ValueError(f'min_snr_gamma must be > 0, got {min_snr_gamma!r}')
+
+
+# --- Loss weightings -----------------------------------------------------------------------------
+
+
+def snr(schedule: Schedule, t: jax.Array) -> jax.Array:
+  """SNR_t = abar_t / (1 - abar_t)  [PD sec. 2], float32 [B] for t int32 [B].
+
+  Read as 1 / schedule.sqrt_recipm1_alphas_cumprod[t]^2, a field computed in float64, so it
+  keeps float32 precision where 1 - abar_t rounds badly (abar_t near 1). 0 where abar_t = 0.
+  """
+  return 1.0 / jnp.square(schedule.sqrt_recipm1_alphas_cumprod[t])
+
+
+def x0_loss_weight(schedule: Schedule, t: jax.Array, weighting: str,
+                   min_snr_gamma: float = 5.0) -> jax.Array:
+  """lambda(t), the weight on the x-space loss ||x - x_0-hat||^2 (module docstring table).
+
+  min_snr: min(SNR, gamma) [MinSNR]; truncated_snr: max(SNR, 1); snr_plus_one: SNR + 1
+  [PD sec. 4]; an x-space loss (distillation's) uses them as they are. 'uniform' has no single
+  x-space weight (see `loss_weight`) and is rejected.
+
+  Args:
+    t: int32 [B] schedule indices.
+
+  Returns:
+    float32 [B].
+  """
+  _check_weighting(weighting, min_snr_gamma)
+  ratio = snr(schedule, t)
+  if weighting == 'min_snr':
+    return jnp.minimum(ratio, min_snr_gamma)
+  if weighting == 'truncated_snr':
+    return jnp.maximum(ratio, 1.0)
+  if weighting == 'snr_plus_one':
+    return ratio + 1.0
+  raise ValueError("weighting 'uniform' is 1 on the target's MSE, not an x-space weight; "
+                   'use loss_weight')
+
+
+def loss_weight(schedule: Schedule, t: jax.Array, *, model_mean_type: str, weighting: str,
+                min_snr_gamma: float = 5.0) -> jax.Array:
+  """The factor on the per-example MSE of model_mean_type's target (module docstring table).
+
+  lambda(t) / SNR_t for eps, lambda(t) for x0, lambda(t) / (SNR_t + 1) for v, where lambda is
+  `x0_loss_weight`; 1 for 'uniform'. Written in forms that stay finite as SNR -> 0 where the
+  weight is finite (min_snr's eps weight is min(1, gamma / SNR) = 1 at SNR 0); truncated_snr
+  and snr_plus_one on eps are +inf at SNR 0 (abar_t = 0): no eps error determines x there.
+
+  Args:
+    t: int32 [B] schedule indices.
+
+  Returns:
+    float32 [B].
+  """
+  diffusion.check_types(model_mean_type)
+  _check_weighting(weighting, min_snr_gamma)
+  if weighting == 'uniform':
+    return jnp.ones(t.shape, jnp.float32)
+  if model_mean_type == 'x0':
+    return x0_loss_weight(schedule, t, weighting, min_snr_gamma)
+  ratio = snr(schedule, t)
+  inv_ratio = jnp.square(schedule.sqrt_recipm1_alphas_cumprod[t])  # 1 / SNR
+  one_minus_abar = jnp.square(schedule.sqrt_one_minus_alphas_cumprod[t])  # 1 / (SNR + 1)
+  if weighting == 'min_snr':
+    if model_mean_type == 'eps':
+      return jnp.minimum(1.0, min_snr_gamma * inv_ratio)
+    return jnp.minimum(ratio, min_snr_gamma) * one_minus_abar
+  if weighting == 'truncated_snr':
+    if model_mean_type == 'eps':
+      return jnp.maximum(1.0, inv_ratio)
+    return jnp.maximum(ratio, 1.0) * one_minus_abar
+  # snr_plus_one
+  if model_mean_type == 'eps':
+    return 1.0 + inv_ratio
+  return jnp.ones(t.shape, jnp.float32)
+
+
+# --- Timestep samplers ---------------------------------------------------------------------------
+
+
+class TimestepSampler(NamedTuple):
+  """How t is drawn, optax style: a state, a draw from it, and its update after the step.
+
+  init() -> state (a pytree, or None when stateless); keep it in the train state.
+  sample(key, state, batch_size) -> (t int32 [B], weights float32 [B]): the timesteps and the
+    importance weights w_t with E_{t~p}[w_t L_t] = E_{t~uniform}[L_t].
+  update(state, t, losses) -> state: after the step, with the objective's metrics['_t'] and
+    metrics['_loss'] (per-example, global batch, before importance weights).
+  """
+  init: Callable[[], PyTree]
+  sample: Callable[[jax.Array, PyTree, int], tuple[jax.Array, jax.Array]]
+  update: Callable[[PyTree, jax.Array, jax.Array], PyTree]
+
+
+def uniform_timesteps(num_timesteps: int) -> TimestepSampler:
+  """t ~ Uniform{0, ..., T-1}, weights 1, no state  [DDPM Algorithm 1]."""
+
+  def sample(key, state, batch_size):
+    del state
+    return (diffusion.sample_timesteps(key, batch_size, num_timesteps),
+            jnp.ones((batch_size,), jnp.float32))
+
+  return TimestepSampler(init=lambda: None, sample=sample, update=lambda state, t, losses: state)
+
+
+def loss_aware_timesteps(num_timesteps: int, history_per_term: int = 10,
+                         uniform_prob: float = 0.001) -> TimestepSampler:
+  """p_t proportional to sqrt(E[L_t^2]) over the last history_per_term losses at each t, with
+  weights 1 / (T p_t)  [IDDPM sec. 3.3]; uniform until every t has a full history.
+
+  The state is a `diffusion.LossAwareState`; see `diffusion.loss_aware_sample` and
+  `diffusion.loss_aware_update`.
+  """
+
+  def sample(key, state, batch_size):
+    if state is None:
+      raise ValueError('the loss-aware timestep sampler needs its state: pass '
+                       'timestep_state=sampler.init() (then the updated one) to loss_fn')
+    return diffusion.loss_aware_sample(key, state, batch_size, uniform_prob)
+
+  return TimestepSampler(
+      init=lambda: diffusion.loss_aware_init(num_timesteps, history_per_term),
+      sample=sample, update=diffusion.loss_aware_update)
+
+
+# --- The denoising objective ---------------------------------------------------------------------
+
+
+def _check_objective(schedule, model_mean_type, model_var_type, loss_type, weighting,
+                     min_snr_gamma, timestep_sampler):
+  diffusion.check_types(model_mean_type, model_var_type, loss_type)
+  _check_weighting(weighting, min_snr_gamma)
+  if loss_type == 'kl' and weighting != 'uniform':
+    raise ValueError(f"weighting {weighting!r} weights the MSE term, and loss_type 'kl' has "
+                     "none (its loss is the VLB term); use weighting='uniform' or loss_type "
+                     "'mse' / 'hybrid'")
+  return timestep_sampler or uniform_timesteps(schedule.num_timesteps)
+
+
+def denoising_objective(apply_fn: ApplyFn, schedule: Schedule, *, model_mean_type: str,
+                        model_var_type: str, loss_type: str, weighting: str = 'uniform',
+                        min_snr_gamma: float = 5.0,
+                        timestep_sampler: Optional[TimestepSampler] = None) -> LossFn:
+  """The denoising loss of DDPM / improved DDPM with the eps, x0 or v target and a weighting.
+
+  Per example (`diffusion.training_losses`, x_t = q_sample(x, t, eps)):
+
+    L_i = w(t_i) mse_i + c vb_i,
+
+  mse_i the MSE of the target (eps, x, or v = alpha eps - sigma x), w = `loss_weight` of the
+  weighting, vb_i the VLB term in bits/dim, c = 0.001 T for 'hybrid' [IDDPM sec. 3.1], 1 for a
+  learned variance under 'mse' (it trains the variance only), no vb term otherwise. The weighting
+  acts on the MSE term only; the VLB term stays unweighted. loss_type 'kl' (L_i = vb_i) takes
+  weighting='uniform' only (ValueError otherwise): its loss has no MSE term to weight.
+  The batch loss is mean_i(s_i L_i), s_i the sampler's importance weights (1 when uniform).
+
+  Randomness: key splits into (t_key, noise_key, dropout_key) = split(key, 3); t from
+  timestep_sampler.sample(t_key, ...), eps = normal(noise_key, x.shape, float32), dropout_key
+  goes to apply_fn. With key = fold_in(state.rng, step), weighting 'uniform' and the uniform
+  sampler this is today's train step's loss bit for bit.
+
+  Args:
+    apply_fn: apply_fn(params, x_t, t, cond, key) -> output, the network in training mode;
+      t is the original timestep (schedule.timestep_map[t]), key its dropout key. The output is
+      [B, ...] or [B, ..., 2C] for the learned variance types.
+    schedule: the training schedule.
+    model_mean_type, model_var_type, loss_type: see `diffusion.MEAN_TYPES`, `VAR_TYPES`,
+      `LOSS_TYPES`.
+    weighting: one of WEIGHTINGS (module docstring).
+    min_snr_gamma: gamma of 'min_snr'.
+    timestep_sampler: a `TimestepSampler`; None is `uniform_timesteps(T)`.
+
+  Returns:
+    loss_fn(params, batch, key, timestep_state=None) -> (loss, metrics), pure and jit-able.
+    batch = {'x': [B, ...], 'cond': {...}}; timestep_state is the sampler's state (None for the
+    uniform sampler). metrics: scalars 'loss', 'mse' (mean unweighted MSE), 'vb' (mean, when
+    there is a VLB term); and per-example, for the sampler's update and not for logging:
+    '_t' int32 [B], '_loss' float32 [B] (L_i, before importance weights, gradient stopped).
+    After the step: timestep_state = timestep_sampler.update(timestep_state, metrics['_t'],
+    metrics['_loss']).
+
+  Raises:
+    ValueError: for an unknown type or weighting, gamma <= 0, or a weighting with 'kl'.
+  """
+  sampler = _check_objective(schedule, model_mean_type, model_var_type, loss_type, weighting,
+                             min_snr_gamma, timestep_sampler)
+  types = dict(model_mean_type=model_mean_type, model_var_type=model_var_type,
+               loss_type=loss_type)
+
+  def loss_fn(params, batch, key, timestep_state=None):
+    x_start = batch['x']
+    batch_size = x_start.shape[0]
+    t_key, noise_key, dropout_key = jax.random.split(key, 3)
+    t, importance = sampler.sample(t_key, timestep_state, batch_size)
+    noise = jax.random.normal(noise_key, x_start.shape, jnp.float32)
+
+    def model_fn(x_t, timesteps):
+      return apply_fn(params, x_t, timesteps, batch['cond'], dropout_key)
+
+    terms = diffusion.training_losses(model_fn, schedule, x_start, t, noise, **types)
+    per_example = terms['loss']
+    if weighting != 'uniform':
+      weight = loss_weight(schedule, t, model_mean_type=model_mean_type, weighting=weighting,
+                           min_snr_gamma=min_snr_gamma)
+      per_example = weight * terms['mse']
+      if 'vb' in terms:  # the VLB coefficient of `diffusion.training_losses`
+        vb_weight = (diffusion.HYBRID_VLB_WEIGHT * schedule.num_timesteps
+                     if loss_type == 'hybrid' else 1.0)
+        per_example = per_example + vb_weight * terms['vb']
+    loss = jnp.mean(per_example * importance)
+    metrics = {'loss': loss, 'mse': jnp.mean(terms['mse']),
+               '_t': t, '_loss': jax.lax.stop_gradient(per_example)}
+    if 'vb' in terms:
+      metrics['vb'] = jnp.mean(terms['vb'])
+    return loss, metrics
+
+  return loss_fn
