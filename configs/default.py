@@ -54,6 +54,10 @@ def get_config():
   diffusion.model_var_type = 'fixedlarge'  # fixedlarge | fixedsmall | learned | learned_range
   diffusion.loss_type = 'mse'  # mse | kl | hybrid
   diffusion.timestep_sampler = 'uniform'  # uniform | loss_aware
+  # Weight of each example's MSE (jaxddpm.objectives): uniform (DDPM's L_simple) | min_snr
+  # (Hang et al. 2023) | truncated_snr | snr_plus_one (Salimans & Ho 2022).
+  diffusion.weighting = 'uniform'
+  diffusion.min_snr_gamma = 5.0
   diffusion.cosine_s = 0.008  # cosine schedule offset (improved DDPM eq. 17)
   diffusion.max_beta = 0.999  # cosine schedule clipping (improved DDPM sec. 3.2)
 

@@ -21,6 +21,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from jaxddpm import diffusion
+from jaxddpm import objectives
 from jaxddpm import schedules
 
 SAMPLERS = ('ddpm', 'ddim')
@@ -140,6 +141,12 @@ def _validate_diffusion(d):
     _choice(d, 'loss_type', p, diffusion.LOSS_TYPES)
   if 'timestep_sampler' in d:
     _choice(d, 'timestep_sampler', p, TIMESTEP_SAMPLERS)
+  if 'weighting' in d:
+    _choice(d, 'weighting', p, objectives.WEIGHTINGS)
+    if d.weighting != 'uniform' and d.get('loss_type') == 'kl':
+      _fail(f'{p}.weighting', d.weighting, "weights the MSE term, and loss_type 'kl' has none")
+  if 'min_snr_gamma' in d:
+    _number(d, 'min_snr_gamma', p, 0.0, float('inf'), low_open=True, high_open=True)
   if {'beta_schedule', 'num_timesteps', 'beta_start', 'beta_end'} <= set(d.keys()):
     _check_betas(d, p)
   return num_timesteps

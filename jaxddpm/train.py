@@ -1,14 +1,17 @@
 """Training: the train state, the pure train step, and the loop that drives it.
 
-The core is `make_train_step`: a pure function (state, batches) -> (state,
-metrics) running `steps_per_call` optimizer steps with `lax.scan`. It is
+The core is `make_generic_train_step(loss_fn, ...)`: a pure function (state,
+batches) -> (state, metrics) running `steps_per_call` optimizer steps of any
+objective (`jaxddpm.objectives`) with `lax.scan`; `make_train_step` gives it
+the config's denoising objective. It is
 jit-compiled once per run over a mesh of every device of every process, the
 batch sharded on 'data', the state replicated and donated.
 
 Per step (DDPM Algorithm 1, Ho et al. 2020):
 
   t ~ Uniform{0..T-1} (or IDDPM's importance sampling), eps ~ N(0, I),
-  loss = mean_b L(x_0, t, eps)  (`diffusion.training_losses`),
+  loss = mean_b w(t_b) L(x_0, t, eps)  (`objectives.denoising_objective`: L_simple,
+    L_vlb or hybrid, weighted uniformly, by Min-SNR-gamma or by an SNR weighting),
   g = clip_by_global_norm(grad loss),  params <- Adam(g, lr_k),
   lr_k = lr * min(1, k / warmup_steps)  (Appendix B: linear warmup),
   ema <- decay * ema + (1 - decay) * params  (`optax.incremental_update`).
@@ -48,6 +51,7 @@ from jaxddpm import diffusion
 from jaxddpm import evaluation
 from jaxddpm import images as images_lib
 from jaxddpm import models
+from jaxddpm import objectives
 from jaxddpm import parallel
 from jaxddpm import runtime
 from jaxddpm import samplers
@@ -133,7 +137,7 @@ def create_train_state(config, model, key: jax.Array) -> TrainState:
   tx = make_optimizer(config.optim)
   timestep_state = None
   if config.diffusion.timestep_sampler == 'loss_aware':
-    timestep_state = diffusion.loss_aware_init(int(config.diffusion.num_timesteps))
+    timestep_state = objectives.loss_aware_timesteps(int(config.diffusion.num_timesteps)).init()
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
@@ -147,8 +151,49 @@ def create_train_state(config, model, key: jax.Array) -> TrainState:
 # The pure train step.
 
 
+def make_objective(config, model, schedule: schedules.Schedule):
+  """config.diffusion's denoising objective for `model`: (loss_fn, timestep_sampler).
+
+  The U-Net takes the class labels of `cond['label']` as `y`; with train=True
+  it replaces each by the null class with probability config.model.class_dropout
+  (classifier-free guidance), drawing from the step's dropout key.
+  """
+  def apply_fn(params, x_t, t, cond, key):
+    return model.apply({'params': params}, x_t, t, cond.get('label'), train=True,
+                       rngs={'dropout': key})
+
+  d = config.diffusion
+  num_timesteps = schedule.num_timesteps
+  sampler = (objectives.loss_aware_timesteps(num_timesteps) if d.timestep_sampler == 'loss_aware'
+             else objectives.uniform_timesteps(num_timesteps))
+  loss_fn = objectives.denoising_objective(
+      apply_fn, schedule, **diffusion.types_from_config(d),
+      weighting=d.get('weighting', 'uniform'), min_snr_gamma=float(d.get('min_snr_gamma', 5.0)),
+      timestep_sampler=sampler)
+  return loss_fn, sampler
+
+
+def as_objective_batch(batch: dict[str, jax.Array]) -> dict[str, Any]:
+  """A data pipeline batch {'image', 'label'?} -> the objectives' {'x', 'cond'}."""
+  return {'x': batch['image'], 'cond': {'label': batch['label']} if 'label' in batch else {}}
+
+
 def make_train_step(config, model, schedule: schedules.Schedule) -> Callable:
-  """Returns train_steps(state, batches) -> (state, metrics), pure and jit-able.
+  """Returns train_steps(state, batches) -> (state, metrics) for config's denoising objective."""
+  loss_fn, sampler = make_objective(config, model, schedule)
+  return make_generic_train_step(loss_fn, config.optim, timestep_sampler=sampler)
+
+
+def make_generic_train_step(loss_fn, optim_config, *,
+                            timestep_sampler: objectives.TimestepSampler | None = None
+                            ) -> Callable:
+  """Returns train_steps(state, batches) -> (state, metrics), pure and jit-able, for any
+  objective `loss_fn(params, batch, key, timestep_state) -> (loss, metrics)`.
+
+  Per step k (DDPM Algorithm 1 for the denoising objective):
+    key = fold_in(state.rng, k), (loss, metrics), g = value_and_grad(loss_fn)(params, batch, key),
+    g = clip_by_global_norm(g), params <- Adam(g, lr_k), ema <- decay ema + (1 - decay) params
+  and the timestep sampler's state is updated with the step's per-example losses.
 
   Args of the returned function:
     state: TrainState.
@@ -156,64 +201,33 @@ def make_train_step(config, model, schedule: schedules.Schedule) -> Callable:
       (class-conditional models only)}: the batches of k consecutive steps.
 
   Returns:
-    The state after k steps, and metrics: dict of float32 [k] (loss, mse,
-    grad_norm, lr, vb for VLB losses, and finite: 1 when the loss, the
-    gradient norm and the updated parameters are all finite), one entry per step.
-
-  Class-conditional models get the labels as `y`; with train=True the U-Net
-  itself replaces each label by the null class with probability
-  config.model.class_dropout (classifier-free guidance), drawing from the
-  'dropout' rng of the step.
+    The state after k steps, and metrics: dict of float32 [k] (the objective's scalar metrics,
+    e.g. loss, mse and vb; grad_norm, lr, and finite: 1 when the loss, the gradient norm and the
+    updated parameters are all finite), one entry per step.
   """
-  tx = make_optimizer(config.optim)
-  lr_schedule = learning_rate_schedule(config.optim)
-  types = diffusion.types_from_config(config.diffusion)
-  ema_decay = float(config.optim.ema_decay)
-  loss_aware = config.diffusion.timestep_sampler == 'loss_aware'
-  num_timesteps = schedule.num_timesteps
-
-  def loss_fn(params, batch, t, weights, noise, dropout_rng):
-    def model_fn(x, t, y=None):
-      return model.apply({'params': params}, x, t, y, train=True, rngs={'dropout': dropout_rng})
-
-    model_kwargs = {'y': batch['label']} if 'label' in batch else None
-    terms = diffusion.training_losses(
-        model_fn, schedule, batch['image'], t, noise, model_kwargs=model_kwargs, **types)
-    loss = jnp.mean(terms['loss'] * weights)
-    return loss, terms
+  tx = make_optimizer(optim_config)
+  lr_schedule = learning_rate_schedule(optim_config)
+  ema_decay = float(optim_config.ema_decay)
 
   def one_step(state: TrainState, batch):
-    rng = jax.random.fold_in(state.rng, state.step)
-    t_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
-    x_start = batch['image']
-    batch_size = x_start.shape[0]
-    if loss_aware:
-      t, weights = diffusion.loss_aware_sample(t_rng, state.timestep_state, batch_size)
-    else:
-      t = diffusion.sample_timesteps(t_rng, batch_size, num_timesteps)
-      weights = jnp.ones((batch_size,), jnp.float32)
-    noise = jax.random.normal(noise_rng, x_start.shape, jnp.float32)
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, t, weights, noise, dropout_rng)
+    key = jax.random.fold_in(state.rng, state.step)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, as_objective_batch(batch), key, state.timestep_state)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = optax.incremental_update(params, state.ema_params, step_size=1.0 - ema_decay)
     timestep_state = state.timestep_state
-    if loss_aware:
-      timestep_state = diffusion.loss_aware_update(timestep_state, t, terms['loss'])
+    if timestep_sampler is not None and timestep_state is not None:
+      timestep_state = timestep_sampler.update(timestep_state, aux['_t'], aux['_loss'])
     grad_norm = optax.tree.norm(grads)
     # The loss of step k is computed before its update, so a bad update shows only in the
     # new parameters; `finite` lets the loop refuse to save (or continue from) such a state.
     params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
-    metrics = {
-        'loss': loss,
-        'mse': jnp.mean(terms['mse']),
-        'grad_norm': grad_norm,
-        'lr': jnp.asarray(lr_schedule(state.step), jnp.float32),
-        'finite': (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite).astype(jnp.float32),
-    }
-    if 'vb' in terms:
-      metrics['vb'] = jnp.mean(terms['vb'])
+    metrics = {k: v for k, v in aux.items() if not k.startswith('_')}
+    metrics.update(
+        grad_norm=grad_norm,
+        lr=jnp.asarray(lr_schedule(state.step), jnp.float32),
+        finite=(jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite).astype(jnp.float32))
     new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
                               opt_state=opt_state, timestep_state=timestep_state)
     return new_state, metrics

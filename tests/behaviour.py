@@ -39,8 +39,12 @@ def compute() -> dict[str, np.ndarray]:
     types = diffusion.types_from_config(config.diffusion)
     shape = (NUM_SAMPLES, config.data.image_size, config.data.image_size, config.data.channels)
     key = jax.random.key(1234)
-    for name in ('ddim', 'ddpm'):
-      plan = samplers.make_sampler(schedule, sampler=name, num_steps=10, eta=0.0,
+    # A Schedule rebuilt by tree.map loses its float64 alpha_bar, so `respace` takes the
+    # float32 path that the code before the refactor had (see test_behaviour.py).
+    float32_respacing = jax.tree.map(lambda a: a, schedule)
+    for name, base in (('ddim', schedule), ('ddpm', schedule),
+                       ('ddpm_float32_respacing', float32_respacing)):
+      plan = samplers.make_sampler(base, sampler=name[:4], num_steps=10, eta=0.0,
                                    model_mean_type=types['model_mean_type'],
                                    model_var_type=types['model_var_type'])
       for which in ('params', 'ema_params'):

@@ -87,6 +87,8 @@ BAD_VALUES = [
     ('training.batch_size', -8),
     ('training.steps_per_call', 0),
     ('sampling.sampler', 'euler'),
+    ('diffusion.weighting', 'snr'),
+    ('diffusion.min_snr_gamma', 0.0),
     ('sampling.num_steps', 0),
     ('sampling.num_steps', 1),  # run_sample.py --steps needs 2 or more too
     ('sampling.num_steps', 1001),  # more than T

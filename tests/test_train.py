@@ -197,6 +197,28 @@ def test_first_step_matches_hand_computed_clip_and_adam():
                new.params, expected)
 
 
+def test_min_snr_weighting_in_the_train_step_matches_a_hand_computation():
+  config, state, images, _ = _toy_setup()
+  config.diffusion.weighting = 'min_snr'
+  config.diffusion.min_snr_gamma = 5.0
+  model = _ToyModel()
+  schedule = schedules.schedule_from_config(config.diffusion)
+  _, metrics = jax.jit(train.make_train_step(config, model, schedule))(state, {'image': images[:1]})
+  x = np.float64(images[0])
+  t_rng, noise_rng, _ = jax.random.split(jax.random.fold_in(state.rng, 0), 3)
+  t = jax.random.randint(t_rng, (x.shape[0],), 0, 100)
+  noise = np.float64(jax.random.normal(noise_rng, x.shape))
+  abar = np.asarray(schedule.alphas_cumprod, np.float64)[np.asarray(t)]
+  x_t = np.sqrt(abar)[:, None, None, None] * x + np.sqrt(1 - abar)[:, None, None, None] * noise
+  eps = np.float64(model.apply({'params': state.params}, jnp.float32(x_t), t))
+  mse = np.mean((noise - eps) ** 2, axis=(1, 2, 3))
+  snr = abar / (1 - abar)
+  # Min-SNR-gamma (Hang et al. 2023) on the eps target: min(SNR, gamma) / SNR.
+  expected = np.mean(np.minimum(snr, 5.0) / snr * mse)
+  np.testing.assert_allclose(metrics['loss'][0], expected, rtol=1e-5)
+  assert not np.isclose(expected, np.mean(mse), rtol=1e-3)  # the weighting matters here
+
+
 def test_scan_of_k_steps_equals_k_calls():
   _, state, images, step = _toy_setup()
   one = state
