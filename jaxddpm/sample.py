@@ -32,7 +32,7 @@ import hashlib
 import json
 import math
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 import jax
@@ -236,12 +236,47 @@ def _remove_created(folders: list[str]) -> None:
       return
 
 
-def _check_finite(samples: np.ndarray, step: int) -> None:
+def _check_finite(samples: np.ndarray, step: int | None) -> None:
   bad = int(np.sum(~np.isfinite(samples.reshape(len(samples), -1)).all(axis=1)))
   if bad:
-    raise SampleError(f'{bad} of {len(samples)} samples are not finite (NaN/Inf) from the '
-                      f'checkpoint at step {step}: the checkpoint may be damaged or the training '
+    source = 'these parameters' if step is None else f'the checkpoint at step {step}'
+    raise SampleError(f'{bad} of {len(samples)} samples are not finite (NaN/Inf) from '
+                      f'{source}: the checkpoint may be damaged or the training '
                       'diverged; nothing was written')
+
+
+class Run(NamedTuple):
+  """A trained or converted run in memory, as `jaxddpm.load_run` returns it.
+
+    run = jaxddpm.load_run('runs/digits')
+    images = run.sample(16, solver='ddim', steps=50, seed=0)   # uint8 [16, H, W, C]
+    config, params, model_fn = run                              # the parts, as before
+
+  model_fn(x, t, y=None) is the network (eval mode) as a `Partial` over params.
+  """
+  config: Any
+  params: Any
+  model_fn: Any
+
+  def sample(self, num_samples: int, *, solver: str | None = None, steps: int | None = None,
+             eta: float | None = None, seed: int | None = None, class_label: int | None = None,
+             guidance_scale: float | None = None, batch_size: int | None = None,
+             progress: bool = False, mesh=None) -> np.ndarray:
+    """`num_samples` images, uint8 [N, H, W, C], by the loop of `sample_run` (same seed, same
+    images as run_sample.py with the same settings); arguments left None come from
+    config.sampling. solver: 'ddpm' or 'ddim'. Raises SampleError for bad arguments."""
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    opts = _resolve(self.config, sampler=solver, steps=steps, eta=eta, num_samples=num_samples,
+                    batch_size=batch_size, seed=seed, class_label=class_label,
+                    guidance_scale=guidance_scale, mesh_size=mesh.size)
+    loaded = (self.config, self.params, self.model_fn, None)
+    return _sample(loaded, opts, inpainting=None, inpaint_resample=1, inpaint_jump_length=10,
+                   progress=progress, mesh=mesh)['images']
+
+
+def load_run(workdir: str, *, ema: bool = True, step: int | None = None) -> Run:
+  """The run in `workdir` (config.json + the newest good checkpoint; `runs.load_run`) as a `Run`."""
+  return Run(*runs.load_run(workdir, ema=ema, step=step))
 
 
 def sample_run(workdir: str, *, sampler: str | None = None, steps: int | None = None,
