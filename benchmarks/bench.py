@@ -257,7 +257,7 @@ def setup_jaxddpm(config, batch, steps_per_call, sampler, sample_steps, compiler
   """Compiles jaxddpm's train step and sampling step; returns figures and the step calls."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jaxddpm import models, parallel, samplers, schedules, train  # pylint: disable=g-import-not-at-top
+  from jaxddpm import models, parallel, samplers, schedules, train, train_state  # pylint: disable=g-import-not-at-top
 
   device = jax.devices()[0]
   mesh = parallel.make_mesh([device])
@@ -268,7 +268,8 @@ def setup_jaxddpm(config, batch, steps_per_call, sampler, sample_steps, compiler
   result = {'train_images': steps_per_call * batch, 'sample_images': sample_steps * batch}
 
   # The fresh train state, compiled as train.train_and_evaluate compiles it.
-  init = jax.jit(lambda key: train.create_train_state(config, model, key), out_shardings=replicated,
+  init = jax.jit(lambda key: train_state.create_train_state(config, model, key),
+                 out_shardings=replicated,
                  compiler_options=models.INIT_COMPILER_OPTIONS)
   start = time.perf_counter()
   state = jax.block_until_ready(init(jax.random.key(0)))

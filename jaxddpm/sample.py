@@ -265,13 +265,28 @@ class Run(NamedTuple):
     """`num_samples` images, uint8 [N, H, W, C], by the loop of `sample_run` (same seed, same
     images as run_sample.py with the same settings); arguments left None come from
     config.sampling. solver: 'ddpm' or 'ddim'. Raises SampleError for bad arguments."""
-    mesh = parallel.make_mesh() if mesh is None else mesh
-    opts = _resolve(self.config, sampler=solver, steps=steps, eta=eta, num_samples=num_samples,
-                    batch_size=batch_size, seed=seed, class_label=class_label,
-                    guidance_scale=guidance_scale, mesh_size=mesh.size)
-    loaded = (self.config, self.params, self.model_fn, None)
-    return _sample(loaded, opts, inpainting=None, inpaint_resample=1, inpaint_jump_length=10,
-                   progress=progress, mesh=mesh)['images']
+    return generate(self.config, self.params, num_samples=num_samples, sampler=solver,
+                    steps=steps, eta=eta, seed=seed, class_label=class_label,
+                    guidance_scale=guidance_scale, batch_size=batch_size, progress=progress,
+                    mesh=mesh)['images']
+
+
+def generate(config, params, *, num_samples: int, sampler: str | None = None,
+             steps: int | None = None, eta: float | None = None, seed: int | None = None,
+             class_label: int | None = None, guidance_scale: float | None = None,
+             batch_size: int | None = None, progress: bool = False, mesh=None) -> dict[str, Any]:
+  """Samples of the network `config` describes with `params` (no workdir needed).
+
+  Arguments as `sample_run`'s (None: config.sampling's); returns dict(images uint8
+  [N, H, W, C], samples float32 [N, H, W, C] in [-1, 1] (unclipped), labels [N] or None).
+  All processes must call it (the parameters may be global arrays).
+  """
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  opts = _resolve(config, sampler=sampler, steps=steps, eta=eta, num_samples=num_samples,
+                  batch_size=batch_size, seed=seed, class_label=class_label,
+                  guidance_scale=guidance_scale, mesh_size=mesh.size)
+  return _sample(config, params, opts, step=None, inpainting=None, inpaint_resample=1,
+                 inpaint_jump_length=10, progress=progress, mesh=mesh)
 
 
 def load_run(workdir: str, *, ema: bool = True, step: int | None = None) -> Run:
@@ -353,7 +368,7 @@ def sample_run(workdir: str, *, sampler: str | None = None, steps: int | None = 
   # Every process checks, so that all of them stop together, before any collective.
   created = _prepare_output_dir(output_dir, create=parallel.is_main_process())
   try:
-    result = _sample(loaded, opts, inpainting=inpainting,
+    result = _sample(loaded[0], loaded[1], opts, step=step, inpainting=inpainting,
                      inpaint_resample=inpaint_resample, inpaint_jump_length=inpaint_jump_length,
                      progress=progress, mesh=mesh)
   except BaseException:
@@ -365,13 +380,13 @@ def sample_run(workdir: str, *, sampler: str | None = None, steps: int | None = 
   return result
 
 
-def _sample(loaded, opts, *, inpainting, inpaint_resample, inpaint_jump_length,
+def _sample(config, params, opts, *, step, inpainting, inpaint_resample, inpaint_jump_length,
             progress, mesh) -> dict[str, Any]:
-  """The sampling of `sample_run` on validated options: the result without output_dir.
+  """The package's one sampling loop, on options validated by `_resolve`.
 
-  `loaded` is `runs.load_run_and_step`'s (config, params, model_fn, step).
+  Used by `sample_run` (the CLI), `generate` (`Run.sample`, the training grids).
+  Returns dict(images, samples, labels, psnr) as `sample_run` documents.
   """
-  config, params, _, step = loaded
   size, channels = int(config.data.image_size), int(config.data.channels)
   num_classes = int(config.model.num_classes)
   rep = parallel.replicated(mesh)

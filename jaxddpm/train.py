@@ -37,7 +37,6 @@ import time
 from typing import Any, Callable
 
 from absl import logging
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -54,9 +53,10 @@ from jaxddpm import models
 from jaxddpm import objectives
 from jaxddpm import parallel
 from jaxddpm import runtime
-from jaxddpm import samplers
+from jaxddpm import sample
 from jaxddpm import schedules
 from jaxddpm import train_io
+from jaxddpm import train_state
 from jaxddpm import workdir as workdir_lib
 
 PyTree = Any
@@ -77,74 +77,6 @@ class SaveError(TrainError):
   an interpreter teardown under them prints pages of asyncio errors, so
   run_train.py leaves with `os._exit` after reporting it.
   """
-
-
-# ---------------------------------------------------------------------------
-# State and optimizer.
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything that changes during training; checkpointed as a whole.
-
-  step: int32 scalar, optimizer steps taken.
-  params: float32 U-Net parameters (the Flax 'params' collection).
-  ema_params: exponential moving average of params (used for sampling).
-  opt_state: the optax state (clip has none; Adam moments; schedule count).
-  rng: uint32 [2] base key; step k uses fold_in(rng, k).
-  timestep_state: `diffusion.LossAwareState` for importance-sampled t
-    (diffusion.timestep_sampler='loss_aware'), else None.
-  """
-  step: jax.Array
-  params: PyTree
-  ema_params: PyTree
-  opt_state: optax.OptState
-  rng: jax.Array
-  timestep_state: diffusion.LossAwareState | None = None
-
-
-def learning_rate_schedule(optim_config) -> optax.Schedule:
-  """lr_k = lr * min(1, k / warmup_steps): DDPM's linear warmup, then constant."""
-  lr = float(optim_config.lr)
-  warmup = int(optim_config.warmup_steps)
-  if warmup <= 0:
-    return optax.constant_schedule(lr)
-  return optax.linear_schedule(0.0, lr, warmup)
-
-
-def make_optimizer(optim_config) -> optax.GradientTransformation:
-  """clip_by_global_norm(grad_clip) -> Adam(lr schedule) (AdamW when weight_decay > 0)."""
-  lr = learning_rate_schedule(optim_config)
-  adam_kwargs = dict(b1=float(optim_config.beta1), b2=float(optim_config.beta2),
-                     eps=float(optim_config.eps))
-  if float(optim_config.weight_decay) > 0:
-    opt = optax.adamw(lr, weight_decay=float(optim_config.weight_decay), **adam_kwargs)
-  else:
-    opt = optax.adam(lr, **adam_kwargs)
-  if float(optim_config.grad_clip) > 0:
-    return optax.chain(optax.clip_by_global_norm(float(optim_config.grad_clip)), opt)
-  return opt
-
-
-def create_train_state(config, model, key: jax.Array) -> TrainState:
-  """A fresh state: params from `models.init_params`, EMA = params, step 0. Pure; jit it."""
-  init_key, rng = jax.random.split(key)
-  image_size, channels = int(config.data.image_size), int(config.data.channels)
-  x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
-  t = jnp.zeros((1,), jnp.int32)
-  y = jnp.zeros((1,), jnp.int32) if int(config.model.num_classes) > 0 else None
-  params = model.init(init_key, x, t, y)['params']
-  tx = make_optimizer(config.optim)
-  timestep_state = None
-  if config.diffusion.timestep_sampler == 'loss_aware':
-    timestep_state = objectives.loss_aware_timesteps(int(config.diffusion.num_timesteps)).init()
-  return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      ema_params=jax.tree.map(jnp.copy, params),
-      opt_state=tx.init(params),
-      rng=rng,
-      timestep_state=timestep_state)
 
 
 # ---------------------------------------------------------------------------
@@ -196,7 +128,7 @@ def make_generic_train_step(loss_fn, optim_config, *,
   and the timestep sampler's state is updated with the step's per-example losses.
 
   Args of the returned function:
-    state: TrainState.
+    state: train_state.TrainState.
     batches: {'image': float32 [k, B, H, W, C] in [-1, 1], 'label': int32 [k, B]
       (class-conditional models only)}: the batches of k consecutive steps.
 
@@ -205,11 +137,11 @@ def make_generic_train_step(loss_fn, optim_config, *,
     e.g. loss, mse and vb; grad_norm, lr, and finite: 1 when the loss, the gradient norm and the
     updated parameters are all finite), one entry per step.
   """
-  tx = make_optimizer(optim_config)
-  lr_schedule = learning_rate_schedule(optim_config)
+  tx = train_state.make_optimizer(optim_config)
+  lr_schedule = train_state.learning_rate_schedule(optim_config)
   ema_decay = float(optim_config.ema_decay)
 
-  def one_step(state: TrainState, batch):
+  def one_step(state: train_state.TrainState, batch):
     key = jax.random.fold_in(state.rng, state.step)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, as_objective_batch(batch), key, state.timestep_state)
@@ -232,7 +164,7 @@ def make_generic_train_step(loss_fn, optim_config, *,
                               opt_state=opt_state, timestep_state=timestep_state)
     return new_state, metrics
 
-  def train_steps(state: TrainState, batches):
+  def train_steps(state: train_state.TrainState, batches):
     if jax.tree.leaves(batches)[0].shape[0] == 1:
       # A single step needs no loop.
       state, metrics = one_step(state, jax.tree.map(lambda b: b[0], batches))
@@ -246,49 +178,22 @@ def make_generic_train_step(loss_fn, optim_config, *,
 # Sample grids and the evaluation hook.
 
 
-def make_grid_sampler(config, model, schedule: schedules.Schedule, mesh) -> Callable:
-  """Returns sample_grid(params, key) -> float32 [N, H, W, C] NumPy images in [-1, 1].
+def sample_grid(config, params, mesh) -> np.ndarray:
+  """The training grid: float32 [N, H, W, C] in [-1, 1], N = config.training.num_sample_grid.
 
-  The few-step sampler of config.sampling.train_grid_sampler /
-  train_grid_steps (DDIM by default), N = config.training.num_sample_grid,
-  class-conditional models cycling through the classes. The starting noise
-  is sharded on 'data' when N divides over the devices. All processes must
-  call it (the parameters are global arrays).
+  `sample.generate` with config.sampling.train_grid_sampler / train_grid_steps (DDIM by
+  default) and the run's seed, so every grid of a run starts from the same noise. All
+  processes must call it (the parameters are global arrays).
   """
-  types = diffusion.types_from_config(config.diffusion)
-  sampler = samplers.make_sampler(
-      schedule,
-      sampler=config.sampling.train_grid_sampler,
-      num_steps=min(int(config.sampling.train_grid_steps), schedule.num_timesteps),
-      eta=float(config.sampling.eta),
-      model_mean_type=types['model_mean_type'],
-      model_var_type=types['model_var_type'],
-      clip_denoised=bool(config.sampling.clip_denoised))
   num = int(config.training.num_sample_grid)
-  shape = (num, int(config.data.image_size), int(config.data.image_size), int(config.data.channels))
-  num_classes = int(config.model.num_classes)
-  sharding = (parallel.data_sharding(mesh) if num % mesh.size == 0
-              else parallel.replicated(mesh))
-
-  @jax.jit
-  def start(key):
-    x_T = jax.random.normal(key, shape, jnp.float32)
-    x_T = jax.lax.with_sharding_constraint(x_T, sharding)
-    y = jnp.arange(num, dtype=jnp.int32) % max(num_classes, 1)
-    return x_T, jax.lax.with_sharding_constraint(y, sharding)
-
-  def sample_grid(params, key):
-    x_T, y = start(key)
-    model_kwargs = {'y': y} if num_classes > 0 else None
-    x = samplers.sample(models.make_model_fn(model, params), sampler, key, x_T=x_T,
-                        model_kwargs=model_kwargs,
-                        compiler_options=runtime.step_compiler_options())
-    return parallel.fetch(x)
-
-  return sample_grid
+  return sample.generate(
+      config, params, num_samples=num, batch_size=num,
+      sampler=config.sampling.train_grid_sampler,
+      steps=min(int(config.sampling.train_grid_steps), int(config.diffusion.num_timesteps)),
+      mesh=mesh)['samples']
 
 
-def evaluate(config, model, schedule: schedules.Schedule, state: TrainState, mesh,
+def evaluate(config, model, schedule: schedules.Schedule, state: train_state.TrainState, mesh,
              workdir: str | None = None) -> dict[str, float]:
   """Evaluation during training, every config.training.eval_every steps.
 
@@ -385,7 +290,7 @@ def _first_bad_step(steps: list[int], values: dict[str, np.ndarray], last_saved:
       'Try a lower optim.lr, a stronger optim.grad_clip or float32 compute.')
 
 
-def _describe_run(config, abstract: TrainState, pipeline, workdir: str,
+def _describe_run(config, abstract: train_state.TrainState, pipeline, workdir: str,
                   resumed: int | None) -> None:
   """The first log lines: what is trained, on what, from where."""
   num_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract.params))
@@ -415,7 +320,7 @@ def _evaluate_and_log(config, model, schedule, state, mesh, workdir, writer, ste
     writer.write(step, {f'eval/{name}': float(v) for name, v in results.items()})
 
 
-def _save(ckpt: checkpoint.Checkpointer, step: int, state: TrainState,
+def _save(ckpt: checkpoint.Checkpointer, step: int, state: train_state.TrainState,
           last_saved: int | None) -> None:
   """Saves a finite state; a non-finite one (e.g. NaN in the Adam moments) never reaches disk."""
   bad = checkpoint.nonfinite_values(state)
@@ -493,8 +398,8 @@ def _train_locked(config, workdir: str, pipeline) -> dict[str, Any]:
   schedule = schedules.schedule_from_config(config.diffusion)
   # Initialisation runs once: compiling it with less LLVM optimisation saves
   # more time than its execution loses.
-  init_fn = jax.jit(lambda key: create_train_state(config, model, key), out_shardings=replicated,
-                    compiler_options=models.INIT_COMPILER_OPTIONS)
+  init_fn = jax.jit(lambda key: train_state.create_train_state(config, model, key),
+                    out_shardings=replicated, compiler_options=models.INIT_COMPILER_OPTIONS)
   abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(int(config.seed)))
   abstract = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
@@ -533,10 +438,6 @@ def _train_locked(config, workdir: str, pipeline) -> dict[str, Any]:
         out_shardings=(replicated, replicated),
         donate_argnums=(0,),
         compiler_options=runtime.step_compiler_options())
-    sample_grid = None
-    if int(config.training.sample_every) > 0:
-      sample_grid = make_grid_sampler(config, model, schedule, mesh)
-    grid_key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 0x9121D)
 
     writer = train_io.MetricWriter(workdir, main)
     progress = train_io.Progress(step, total, main)
@@ -588,8 +489,8 @@ def _train_locked(config, workdir: str, pipeline) -> dict[str, Any]:
             raise _save_failed(e, saving, workdir) from e
           last_saved = saving = step
         paused = time.perf_counter()
-        if sample_grid is not None and _crossed(before, step, int(t.sample_every)):
-          images = sample_grid(state.ema_params, grid_key)
+        if _crossed(before, step, int(t.sample_every)):
+          images = sample_grid(config, state.ema_params, mesh)
           if main:
             os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
             grid = images_lib.image_grid(images)

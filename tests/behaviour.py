@@ -16,6 +16,7 @@ from jaxddpm import runtime
 from jaxddpm import samplers
 from jaxddpm import schedules
 from jaxddpm import train
+from jaxddpm import train_state
 
 NUM_STEPS = 20
 NUM_SAMPLES = 16
@@ -27,7 +28,7 @@ def compute() -> dict[str, np.ndarray]:
   model = models.create_model(config)
   schedule = schedules.schedule_from_config(config.diffusion)
   with jax.default_device(device):
-    state = jax.jit(lambda key: train.create_train_state(config, model, key))(
+    state = jax.jit(lambda key: train_state.create_train_state(config, model, key))(
         jax.random.PRNGKey(int(config.seed)))
     step = jax.jit(train.make_train_step(config, model, schedule))
     pipeline = data.create_train_pipeline(config)

@@ -15,6 +15,7 @@ from jaxddpm import diffusion
 from jaxddpm import objectives
 from jaxddpm import schedules
 from jaxddpm import train
+from jaxddpm import train_state
 
 T = 100
 GAMMA = 5.0
@@ -341,7 +342,7 @@ def test_uniform_weighting_reproduces_the_train_step_bitwise(mean_type, var_type
                           loss_type=loss_type, timestep_sampler=sampler)
   model = _ToyModel(out_channels=diffusion.model_output_channels(1, var_type))
   schedule = schedules.schedule_from_config(config.diffusion)
-  state = train.create_train_state(config, model, jax.random.PRNGKey(0))
+  state = train_state.create_train_state(config, model, jax.random.PRNGKey(0))
   if sampler == 'loss_aware':
     state = state.replace(timestep_state=_warm_loss_aware_state())
   state = state.replace(step=jnp.asarray(3, jnp.int32))
@@ -360,7 +361,7 @@ def test_uniform_weighting_reproduces_the_train_step_bitwise(mean_type, var_type
       loss_type=loss_type, timestep_sampler=timesteps)
   # The same program structure as the train step: XLA may fuse a lone loss_fn differently,
   # which can move the loss or the mean VLB term by an ulp.
-  step = _generic_step(loss_fn, timesteps, train.make_optimizer(config.optim),
+  step = _generic_step(loss_fn, timesteps, train_state.make_optimizer(config.optim),
                        float(config.optim.ema_decay))
   got_state, got = jax.jit(step)(state, {'x': x, 'cond': {}})
   assert set(got) == {'loss', 'mse', 'grad_norm'} | ({'vb'} if 'vb' in want else set())

@@ -25,6 +25,7 @@ from jaxddpm import checkpoint
 from jaxddpm import images as images_lib
 from jaxddpm import schedules
 from jaxddpm import train
+from jaxddpm import train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(REPO, 'tests', 'train_subprocess.py')
@@ -141,7 +142,7 @@ def _toy_setup(steps_per_call=1):
   config.optim.ema_decay = 0.9
   model = _ToyModel()
   schedule = schedules.schedule_from_config(config.diffusion)
-  state = train.create_train_state(config, model, jax.random.PRNGKey(0))
+  state = train_state.create_train_state(config, model, jax.random.PRNGKey(0))
   images = jax.random.uniform(jax.random.PRNGKey(1), (5, 8, 4, 4, 1), minval=-1, maxval=1)
   step = jax.jit(train.make_train_step(config, model, schedule))
   return config, state, images, step
@@ -171,7 +172,7 @@ def test_first_step_matches_hand_computed_clip_and_adam():
   config.optim.eps = 1.0  # large, so the clipped gradient's size shows in Adam's update
   model = _ToyModel()
   schedule = schedules.schedule_from_config(config.diffusion)
-  state = train.create_train_state(config, model, jax.random.PRNGKey(0))
+  state = train_state.create_train_state(config, model, jax.random.PRNGKey(0))
   x = images[0]
   new, metrics = jax.jit(train.make_train_step(config, model, schedule))(state, {'image': x[None]})
 
@@ -236,7 +237,7 @@ def test_loss_aware_timesteps_keep_a_history():
   config.diffusion.timestep_sampler = 'loss_aware'
   model = _ToyModel()
   schedule = schedules.schedule_from_config(config.diffusion)
-  state = train.create_train_state(config, model, jax.random.PRNGKey(0))
+  state = train_state.create_train_state(config, model, jax.random.PRNGKey(0))
   images = jax.random.uniform(jax.random.PRNGKey(1), (3, 16, 4, 4, 1), minval=-1, maxval=1)
   state, metrics = jax.jit(train.make_train_step(config, model, schedule))(state, {'image': images})
   # Three steps of 16 examples: 48 (t, loss) pairs recorded, one count per example.
@@ -403,7 +404,7 @@ def test_bad_config_fails_before_compute(reference, tmp_path, monkeypatch, chang
     raise AssertionError('computation started')
 
   monkeypatch.setattr(train, 'make_train_step', no_compute)
-  monkeypatch.setattr(train, 'create_train_state', no_compute)
+  monkeypatch.setattr(train_state, 'create_train_state', no_compute)
   config = _configure(_configure(tiny.get_config(), BASE), changes)
   with pytest.raises(train.TrainError, match=message):
     train.train_and_evaluate(config, str(workdir))

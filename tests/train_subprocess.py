@@ -57,17 +57,18 @@ def _install_faults(train):
 
     data.Pipeline.batch = nan_batch
   if 'NAN_UPDATE_AT' in env:
-    _nan_update_at(train, int(env['NAN_UPDATE_AT']))
+    _nan_update_at(int(env['NAN_UPDATE_AT']))
   if 'FAIL_SAVE_AT' in env:
     _fail_save_at(int(env['FAIL_SAVE_AT']))
   if 'FAIL_CONFIG_WRITE' in env:
     _fail_config_write()
 
 
-def _nan_update_at(train, nan_step):
+def _nan_update_at(nan_step):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  make_optimizer = train.make_optimizer
+  from jaxddpm import train_state  # pylint: disable=g-import-not-at-top
+  make_optimizer = train_state.make_optimizer
 
   def poison(count):
     return jnp.where(count == nan_step, jnp.nan, 1.0)
@@ -80,7 +81,7 @@ def _nan_update_at(train, nan_step):
     return optax.chain(make_optimizer(optim_config), optax.GradientTransformation(
         lambda params: jnp.zeros((), jnp.int32), update))
 
-  train.make_optimizer = with_nan_update
+  train_state.make_optimizer = with_nan_update
 
 
 def _fail_save_at(fail_step):

@@ -1,0 +1,85 @@
+"""The train state and the optimizer chain (DDPM Appendix B).
+
+`TrainState` is everything training changes and a checkpoint holds;
+`make_optimizer` is the Optax chain, clip -> Adam with the warmup schedule;
+`create_train_state` makes a fresh state from a config and a model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxddpm import diffusion
+from jaxddpm import objectives
+
+PyTree = Any
+
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training; checkpointed as a whole.
+
+  step: int32 scalar, optimizer steps taken.
+  params: float32 U-Net parameters (the Flax 'params' collection).
+  ema_params: exponential moving average of params (used for sampling).
+  opt_state: the optax state (clip has none; Adam moments; schedule count).
+  rng: uint32 [2] base key; step k uses fold_in(rng, k).
+  timestep_state: `diffusion.LossAwareState` for importance-sampled t
+    (diffusion.timestep_sampler='loss_aware'), else None.
+  """
+  step: jax.Array
+  params: PyTree
+  ema_params: PyTree
+  opt_state: optax.OptState
+  rng: jax.Array
+  timestep_state: diffusion.LossAwareState | None = None
+
+
+def learning_rate_schedule(optim_config) -> optax.Schedule:
+  """lr_k = lr * min(1, k / warmup_steps): DDPM's linear warmup, then constant."""
+  lr = float(optim_config.lr)
+  warmup = int(optim_config.warmup_steps)
+  if warmup <= 0:
+    return optax.constant_schedule(lr)
+  return optax.linear_schedule(0.0, lr, warmup)
+
+
+def make_optimizer(optim_config) -> optax.GradientTransformation:
+  """clip_by_global_norm(grad_clip) -> Adam(lr schedule) (AdamW when weight_decay > 0)."""
+  lr = learning_rate_schedule(optim_config)
+  adam_kwargs = dict(b1=float(optim_config.beta1), b2=float(optim_config.beta2),
+                     eps=float(optim_config.eps))
+  if float(optim_config.weight_decay) > 0:
+    opt = optax.adamw(lr, weight_decay=float(optim_config.weight_decay), **adam_kwargs)
+  else:
+    opt = optax.adam(lr, **adam_kwargs)
+  if float(optim_config.grad_clip) > 0:
+    return optax.chain(optax.clip_by_global_norm(float(optim_config.grad_clip)), opt)
+  return opt
+
+
+def create_train_state(config, model, key: jax.Array) -> TrainState:
+  """A fresh state: params from `models.init_params`, EMA = params, step 0. Pure; jit it."""
+  init_key, rng = jax.random.split(key)
+  image_size, channels = int(config.data.image_size), int(config.data.channels)
+  x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
+  t = jnp.zeros((1,), jnp.int32)
+  y = jnp.zeros((1,), jnp.int32) if int(config.model.num_classes) > 0 else None
+  params = model.init(init_key, x, t, y)['params']
+  tx = make_optimizer(config.optim)
+  timestep_state = None
+  if config.diffusion.timestep_sampler == 'loss_aware':
+    timestep_state = objectives.loss_aware_timesteps(int(config.diffusion.num_timesteps)).init()
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      ema_params=jax.tree.map(jnp.copy, params),
+      opt_state=tx.init(params),
+      rng=rng,
+      timestep_state=timestep_state)
