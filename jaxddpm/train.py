@@ -56,6 +56,7 @@ from jaxddpm import parallel
 from jaxddpm import runtime
 from jaxddpm import samplers
 from jaxddpm import schedules
+from jaxddpm import timesteps
 from jaxddpm import train_io
 from jaxddpm import workdir as workdir_lib
 
@@ -92,7 +93,7 @@ class TrainState:
   ema_params: exponential moving average of params (used for sampling).
   opt_state: the optax state (clip has none; Adam moments; schedule count).
   rng: uint32 [2] base key; step k uses fold_in(rng, k).
-  timestep_state: `diffusion.LossAwareState` for importance-sampled t
+  timestep_state: `timesteps.LossAwareState` for importance-sampled t
     (diffusion.timestep_sampler='loss_aware'), else None.
   """
   step: jax.Array
@@ -100,7 +101,7 @@ class TrainState:
   ema_params: PyTree
   opt_state: optax.OptState
   rng: jax.Array
-  timestep_state: diffusion.LossAwareState | None = None
+  timestep_state: timesteps.LossAwareState | None = None
 
 
 def learning_rate_schedule(optim_config) -> optax.Schedule:
@@ -137,7 +138,7 @@ def create_train_state(config, model, key: jax.Array) -> TrainState:
   tx = make_optimizer(config.optim)
   timestep_state = None
   if config.diffusion.timestep_sampler == 'loss_aware':
-    timestep_state = objectives.loss_aware_timesteps(int(config.diffusion.num_timesteps)).init()
+    timestep_state = timesteps.loss_aware_timesteps(int(config.diffusion.num_timesteps)).init()
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
@@ -164,8 +165,8 @@ def make_objective(config, model, schedule: schedules.Schedule):
 
   d = config.diffusion
   num_timesteps = schedule.num_timesteps
-  sampler = (objectives.loss_aware_timesteps(num_timesteps) if d.timestep_sampler == 'loss_aware'
-             else objectives.uniform_timesteps(num_timesteps))
+  sampler = (timesteps.loss_aware_timesteps(num_timesteps) if d.timestep_sampler == 'loss_aware'
+             else timesteps.uniform_timesteps(num_timesteps))
   loss_fn = objectives.denoising_objective(
       apply_fn, schedule, **diffusion.types_from_config(d),
       weighting=d.get('weighting', 'uniform'), min_snr_gamma=float(d.get('min_snr_gamma', 5.0)),
@@ -185,7 +186,7 @@ def make_train_step(config, model, schedule: schedules.Schedule) -> Callable:
 
 
 def make_generic_train_step(loss_fn, optim_config, *,
-                            timestep_sampler: objectives.TimestepSampler | None = None
+                            timestep_sampler: timesteps.TimestepSampler | None = None
                             ) -> Callable:
   """Returns train_steps(state, batches) -> (state, metrics), pure and jit-able, for any
   objective `loss_fn(params, batch, key, timestep_state) -> (loss, metrics)`.
