@@ -280,7 +280,7 @@ def validate_config(config) -> None:
   positive batch sizes, keep_checkpoints and learning rate; decays and dropouts in range;
   sampler names; sampling steps <= T; seed in [0, 2**32 - 1]. Any loss type goes with any
   variance type (kl/hybrid with a fixed variance and mse with a learned one are meaningful,
-  see `diffusion.training_losses`).
+  see `objectives.training_losses`).
 
   Args:
     config: an `ml_collections.ConfigDict` (or dict-like with attribute access) as built by

@@ -11,7 +11,7 @@ NLL <= 3.75 bits/dim), computed the way the community computes them:
 - KID (Binkowski et al. 2018), the unbiased MMD^2 with the polynomial kernel
   k(x, y) = (x.y / d + 1)^3, averaged over random subsets.
 - bits/dim: the full variational bound (prior + T terms incl. the decoder,
-  `diffusion.calc_bpd_loop`) over a data split, sharded over devices, with a
+  `likelihood.calc_bpd_loop`) over a data split, sharded over devices, with a
   per-timestep breakdown (DDPM Table 2 / Fig. 5 rate-distortion view).
 
 Features come from a `FeatureExtractor`: `InceptionExtractor` (FID Inception-v3,
@@ -37,6 +37,7 @@ from scipy import linalg
 from jaxddpm import data
 from jaxddpm import diffusion
 from jaxddpm import images as images_lib
+from jaxddpm.diffusion import likelihood
 from jaxddpm import models
 from jaxddpm import parallel
 from jaxddpm import runs
@@ -376,9 +377,9 @@ def compute_metrics(samples, reference, *, extractor, metrics=METRICS, is_splits
 
 def _bpd_batch_fn(model_fn, schedule, x, key, model_kwargs, *, model_mean_type, model_var_type,
                   clip_denoised):
-  return diffusion.calc_bpd_loop(model_fn, schedule, x, key, model_mean_type=model_mean_type,
-                                 model_var_type=model_var_type, clip_denoised=clip_denoised,
-                                 model_kwargs=model_kwargs)
+  return likelihood.calc_bpd_loop(model_fn, schedule, x, key, model_mean_type=model_mean_type,
+                                  model_var_type=model_var_type, clip_denoised=clip_denoised,
+                                  model_kwargs=model_kwargs)
 
 
 @functools.cache
@@ -398,7 +399,7 @@ def bits_per_dim(model_fn, schedule, images, key, *, model_mean_type, model_var_
   """Negative log-likelihood bound in bits/dim over a data set  [DDPM eq. 5, Table 2].
 
   -log p(x_0) <= L_T (prior) + sum_{t=2}^T L_{t-1} + L_0 (decoder), each term
-  from `diffusion.calc_bpd_loop` (one x_t draw per term), averaged over images.
+  from `likelihood.calc_bpd_loop` (one x_t draw per term), averaged over images.
 
   Args:
     model_fn: model_fn(x, t, **cond); pass a `jax.tree_util.Partial` over the

@@ -1,4 +1,4 @@
-"""Training objectives: loss weightings, timestep samplers and the denoising loss factory.
+"""Training objectives: per-example losses, loss weightings and the denoising loss factory.
 
 An objective is `loss_fn(params, batch, key, timestep_state=None) -> (loss, metrics)`, a pure
 function of the parameters, one batch `{'x': [B, ...], 'cond': {...}}` and the step's key; the
@@ -36,25 +36,33 @@ Min-SNR's eps and v forms are those of the paper's code and diffusers'
 examples/text_to_image/train_text_to_image.py (`compute_snr`): min(SNR, g) / SNR and
 min(SNR, g) / (SNR + 1).
 
-Timestep samplers are (init, sample, update) triples in the style of optax: `uniform_timesteps`
-([DDPM] Algorithm 1) and `loss_aware_timesteps` (importance sampling, [IDDPM] sec. 3.3).
+The per-example losses (`training_losses`: L_simple, L_vlb, hybrid) are here too; the timestep
+samplers an objective takes (uniform, loss-aware) are in `jaxddpm.timesteps`, the VLB terms in
+`jaxddpm.likelihood`.
 """
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 
 from jaxddpm import diffusion
+from jaxddpm.diffusion import likelihood
+from jaxddpm import timesteps
 from jaxddpm.schedules import Schedule
 
 WEIGHTINGS = ('uniform', 'min_snr', 'truncated_snr', 'snr_plus_one')
+
+# Improved DDPM sec. 3.1: L_hybrid = L_simple + lambda L_vlb with lambda = 0.001.
+HYBRID_VLB_WEIGHT = 0.001
 
 PyTree = Any
 # apply_fn(params, x_t, t, cond, key) -> [B, ...] or [B, ..., 2C]: the network in training
 # mode; t is the original timestep (schedule.timestep_map of the index), key its dropout key.
 ApplyFn = Callable[[PyTree, jax.Array, jax.Array, dict, jax.Array], jax.Array]
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+_float = diffusion._float  # pylint: disable=protected-access  (one dtype rule for the core)
 
 
 def _check_weighting(weighting: str, min_snr_gamma: float) -> None:
@@ -140,52 +148,70 @@ def loss_weight(schedule: Schedule, t: jax.Array, *, model_mean_type: str, weigh
   return jnp.ones(t.shape, jnp.float32)
 
 
-# --- Timestep samplers ---------------------------------------------------------------------------
+# --- Per-example training losses ----------------------------------------------------------------
 
 
-class TimestepSampler(NamedTuple):
-  """How t is drawn, optax style: a state, a draw from it, and its update after the step.
+def training_losses(model_fn: diffusion.ModelFn, schedule: Schedule, x_start: jax.Array,
+                    t: jax.Array, noise: jax.Array, *, model_mean_type: str, model_var_type: str,
+                    loss_type: str, model_kwargs: Optional[Mapping[str, Any]] = None
+                    ) -> dict[str, jax.Array]:
+  """Per-example training losses at x_t = q_sample(x_start, t, noise)  (`diffusion.q_sample`).
 
-  init() -> state (a pytree, or None when stateless); keep it in the train state.
-  sample(key, state, batch_size) -> (t int32 [B], weights float32 [B]): the timesteps and the
-    importance weights w_t with E_{t~p}[w_t L_t] = E_{t~uniform}[L_t].
-  update(state, t, losses) -> state: after the step, with the objective's metrics['_t'] and
-    metrics['_loss'] (per-example, global batch, before importance weights).
+  mse:    the prediction's mean squared error against its target (eps: noise; x0: x_start;
+          v: `diffusion.predict_v`), averaged over dimensions: L_simple  [DDPM eq. 14].
+          With a learned variance, the variance output is trained by the VLB term on a
+          stop-gradient copy of the prediction, loss = mse + vb (improved-diffusion's
+          LossType.MSE).
+  kl:     loss = vb, the single VLB term L_{t-1} (L_0 at t=0) in bits/dim, with gradient to
+          the mean and the variance  [DDPM eq. 5]. E_t[loss] = L_vlb / T for uniform t.
+  hybrid: L_hybrid = L_simple + lambda L_vlb, lambda = 0.001, with stop-gradient on the mean
+          in the L_vlb term  [IDDPM sec. 3.1]. L_vlb = sum_t L_t is estimated by T L_t for the
+          sampled t, so loss = mse + 0.001 T vb (improved-diffusion's RESCALED_MSE, which writes
+          this as vb * T / 1000). L_simple is a per-dimension mean and vb is in bits/dim, as in
+          improved-diffusion. With a fixed variance the vb term carries no gradient.
+
+  The VLB terms use unclipped x_0-hat (clip_denoised=False), as in improved-diffusion.
+
+  Args:
+    model_fn: model_fn(x, t, **model_kwargs) -> [B, H, W, C] or [B, H, W, 2C].
+    x_start: x_0, [B, H, W, C] in [-1, 1].
+    t: int32 [B] (uniform, or from `timesteps.loss_aware_sample`).
+    noise: eps ~ N(0, I), [B, H, W, C].
+
+  Returns:
+    dict(loss=[B], mse=[B], and vb=[B] (bits/dim, unscaled) for kl, hybrid and learned
+    variances). For kl, mse is reported but not part of the loss.
   """
-  init: Callable[[], PyTree]
-  sample: Callable[[jax.Array, PyTree, int], tuple[jax.Array, jax.Array]]
-  update: Callable[[PyTree, jax.Array, jax.Array], PyTree]
-
-
-def uniform_timesteps(num_timesteps: int) -> TimestepSampler:
-  """t ~ Uniform{0, ..., T-1}, weights 1, no state  [DDPM Algorithm 1]."""
-
-  def sample(key, state, batch_size):
-    del state
-    return (diffusion.sample_timesteps(key, batch_size, num_timesteps),
-            jnp.ones((batch_size,), jnp.float32))
-
-  return TimestepSampler(init=lambda: None, sample=sample, update=lambda state, t, losses: state)
-
-
-def loss_aware_timesteps(num_timesteps: int, history_per_term: int = 10,
-                         uniform_prob: float = 0.001) -> TimestepSampler:
-  """p_t proportional to sqrt(E[L_t^2]) over the last history_per_term losses at each t, with
-  weights 1 / (T p_t)  [IDDPM sec. 3.3]; uniform until every t has a full history.
-
-  The state is a `diffusion.LossAwareState`; see `diffusion.loss_aware_sample` and
-  `diffusion.loss_aware_update`.
-  """
-
-  def sample(key, state, batch_size):
-    if state is None:
-      raise ValueError('the loss-aware timestep sampler needs its state: pass '
-                       'timestep_state=sampler.init() (then the updated one) to loss_fn')
-    return diffusion.loss_aware_sample(key, state, batch_size, uniform_prob)
-
-  return TimestepSampler(
-      init=lambda: diffusion.loss_aware_init(num_timesteps, history_per_term),
-      sample=sample, update=diffusion.loss_aware_update)
+  diffusion.check_types(model_mean_type, model_var_type, loss_type)
+  x_start, noise = _float(x_start), _float(noise)
+  x_t = diffusion.q_sample(schedule, x_start, t, noise)
+  model_output = _float(diffusion.call_model(model_fn, schedule, x_t, t, model_kwargs))
+  pred, var_values = diffusion.split_model_output(model_output, x_start.shape[-1],
+                                                  model_var_type)
+  if model_mean_type == 'eps':
+    target = noise
+  elif model_mean_type == 'x0':
+    target = x_start
+  else:  # v
+    target = diffusion.predict_v(schedule, x_start, t, noise)
+  terms = dict(mse=diffusion.mean_flat(jnp.square(target - pred)))
+  vb_kwargs = dict(model_mean_type=model_mean_type, model_var_type=model_var_type,
+                   clip_denoised=False)
+  if loss_type == 'kl':
+    terms['vb'] = likelihood.vb_terms_bpd_from_output(
+        schedule, model_output, x_start, x_t, t, **vb_kwargs)['output']
+    terms['loss'] = terms['vb']
+  elif loss_type == 'hybrid' or var_values is not None:
+    frozen = jax.lax.stop_gradient(pred)
+    if var_values is not None:
+      frozen = jnp.concatenate([frozen, var_values], axis=-1)
+    terms['vb'] = likelihood.vb_terms_bpd_from_output(
+        schedule, frozen, x_start, x_t, t, **vb_kwargs)['output']
+    vb_weight = HYBRID_VLB_WEIGHT * schedule.num_timesteps if loss_type == 'hybrid' else 1.0
+    terms['loss'] = terms['mse'] + vb_weight * terms['vb']
+  else:
+    terms['loss'] = terms['mse']
+  return terms
 
 
 # --- The denoising objective ---------------------------------------------------------------------
@@ -199,16 +225,16 @@ def _check_objective(schedule, model_mean_type, model_var_type, loss_type, weigh
     raise ValueError(f"weighting {weighting!r} weights the MSE term, and loss_type 'kl' has "
                      "none (its loss is the VLB term); use weighting='uniform' or loss_type "
                      "'mse' / 'hybrid'")
-  return timestep_sampler or uniform_timesteps(schedule.num_timesteps)
+  return timestep_sampler or timesteps.uniform_timesteps(schedule.num_timesteps)
 
 
 def denoising_objective(apply_fn: ApplyFn, schedule: Schedule, *, model_mean_type: str,
                         model_var_type: str, loss_type: str, weighting: str = 'uniform',
                         min_snr_gamma: float = 5.0,
-                        timestep_sampler: Optional[TimestepSampler] = None) -> LossFn:
+                        timestep_sampler: Optional[timesteps.TimestepSampler] = None) -> LossFn:
   """The denoising loss of DDPM / improved DDPM with the eps, x0 or v target and a weighting.
 
-  Per example (`diffusion.training_losses`, x_t = q_sample(x, t, eps)):
+  Per example (`training_losses`, x_t = q_sample(x, t, eps)):
 
     L_i = w(t_i) mse_i + c vb_i,
 
@@ -233,7 +259,7 @@ def denoising_objective(apply_fn: ApplyFn, schedule: Schedule, *, model_mean_typ
       `LOSS_TYPES`.
     weighting: one of WEIGHTINGS (module docstring).
     min_snr_gamma: gamma of 'min_snr'.
-    timestep_sampler: a `TimestepSampler`; None is `uniform_timesteps(T)`.
+    timestep_sampler: a `timesteps.TimestepSampler`; None is `timesteps.uniform_timesteps(T)`.
 
   Returns:
     loss_fn(params, batch, key, timestep_state=None) -> (loss, metrics), pure and jit-able.
@@ -262,14 +288,14 @@ def denoising_objective(apply_fn: ApplyFn, schedule: Schedule, *, model_mean_typ
     def model_fn(x_t, timesteps):
       return apply_fn(params, x_t, timesteps, batch['cond'], dropout_key)
 
-    terms = diffusion.training_losses(model_fn, schedule, x_start, t, noise, **types)
+    terms = training_losses(model_fn, schedule, x_start, t, noise, **types)
     per_example = terms['loss']
     if weighting != 'uniform':
       weight = loss_weight(schedule, t, model_mean_type=model_mean_type, weighting=weighting,
                            min_snr_gamma=min_snr_gamma)
       per_example = weight * terms['mse']
-      if 'vb' in terms:  # the VLB coefficient of `diffusion.training_losses`
-        vb_weight = (diffusion.HYBRID_VLB_WEIGHT * schedule.num_timesteps
+      if 'vb' in terms:  # the VLB coefficient of `training_losses`
+        vb_weight = (HYBRID_VLB_WEIGHT * schedule.num_timesteps
                      if loss_type == 'hybrid' else 1.0)
         per_example = per_example + vb_weight * terms['vb']
     loss = jnp.mean(per_example * importance)

@@ -53,7 +53,7 @@ class Schedule:
     sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t).
   - timestep_map: int32 [T], the timestep of the original (unrespaced) process that index t
     stands for; arange(T) unless made by `respace`. `diffusion.p_mean_variance` and
-    `diffusion.training_losses` call the model with timestep_map[t], so a respaced schedule
+    `objectives.training_losses` call the model with timestep_map[t], so a respaced schedule
     needs no wrapping of the model function.
   - alphas_cumprod64: float64 NumPy [T] abar_t, or None. Host-side only, not a pytree leaf: the
     constructors here (make_schedule, schedule_from_betas, respace) keep it so that `respace`

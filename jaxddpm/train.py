@@ -55,6 +55,7 @@ from jaxddpm import parallel
 from jaxddpm import runtime
 from jaxddpm import sample
 from jaxddpm import schedules
+from jaxddpm import timesteps
 from jaxddpm import train_io
 from jaxddpm import train_state
 from jaxddpm import workdir as workdir_lib
@@ -96,8 +97,8 @@ def make_objective(config, model, schedule: schedules.Schedule):
 
   d = config.diffusion
   num_timesteps = schedule.num_timesteps
-  sampler = (objectives.loss_aware_timesteps(num_timesteps) if d.timestep_sampler == 'loss_aware'
-             else objectives.uniform_timesteps(num_timesteps))
+  sampler = (timesteps.loss_aware_timesteps(num_timesteps) if d.timestep_sampler == 'loss_aware'
+             else timesteps.uniform_timesteps(num_timesteps))
   loss_fn = objectives.denoising_objective(
       apply_fn, schedule, **diffusion.types_from_config(d),
       weighting=d.get('weighting', 'uniform'), min_snr_gamma=float(d.get('min_snr_gamma', 5.0)),
@@ -117,7 +118,7 @@ def make_train_step(config, model, schedule: schedules.Schedule) -> Callable:
 
 
 def make_generic_train_step(loss_fn, optim_config, *,
-                            timestep_sampler: objectives.TimestepSampler | None = None
+                            timestep_sampler: timesteps.TimestepSampler | None = None
                             ) -> Callable:
   """Returns train_steps(state, batches) -> (state, metrics), pure and jit-able, for any
   objective `loss_fn(params, batch, key, timestep_state) -> (loss, metrics)`.

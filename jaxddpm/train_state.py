@@ -14,8 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxddpm import diffusion
-from jaxddpm import objectives
+from jaxddpm import timesteps
 
 PyTree = Any
 
@@ -30,7 +29,7 @@ class TrainState:
   ema_params: exponential moving average of params (used for sampling).
   opt_state: the optax state (clip has none; Adam moments; schedule count).
   rng: uint32 [2] base key; step k uses fold_in(rng, k).
-  timestep_state: `diffusion.LossAwareState` for importance-sampled t
+  timestep_state: `timesteps.LossAwareState` for importance-sampled t
     (diffusion.timestep_sampler='loss_aware'), else None.
   """
   step: jax.Array
@@ -38,7 +37,7 @@ class TrainState:
   ema_params: PyTree
   opt_state: optax.OptState
   rng: jax.Array
-  timestep_state: diffusion.LossAwareState | None = None
+  timestep_state: timesteps.LossAwareState | None = None
 
 
 def learning_rate_schedule(optim_config) -> optax.Schedule:
@@ -75,7 +74,7 @@ def create_train_state(config, model, key: jax.Array) -> TrainState:
   tx = make_optimizer(config.optim)
   timestep_state = None
   if config.diffusion.timestep_sampler == 'loss_aware':
-    timestep_state = objectives.loss_aware_timesteps(int(config.diffusion.num_timesteps)).init()
+    timestep_state = timesteps.loss_aware_timesteps(int(config.diffusion.num_timesteps)).init()
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,

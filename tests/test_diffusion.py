@@ -12,7 +12,10 @@ import pytest
 from scipy.special import ndtr
 
 from jaxddpm import diffusion
+from jaxddpm.diffusion import likelihood
+from jaxddpm import objectives
 from jaxddpm import schedules
+from jaxddpm import timesteps
 
 T = 1000
 SHAPE = (4, 4, 4, 3)
@@ -218,24 +221,24 @@ def test_normal_kl_matches_monte_carlo():
   x = m1 + np.exp(0.5 * lv1) * rng.standard_normal(2_000_000)
   log_n = lambda x, m, lv: -0.5 * (np.log(2 * np.pi) + lv + (x - m) ** 2 / np.exp(lv))
   samples = log_n(x, m1, lv1) - log_n(x, m2, lv2)
-  got = float(diffusion.normal_kl(m1, lv1, m2, lv2))
+  got = float(likelihood.normal_kl(m1, lv1, m2, lv2))
   assert abs(got - samples.mean()) < 4 * samples.std() / math.sqrt(samples.size)
   # Closed form of KL between Gaussians, and zero for identical ones.
   want = np.log(np.sqrt(1.7 / 0.5)) + (0.5 + 0.5 ** 2) / (2 * 1.7) - 0.5
   assert got == pytest.approx(want, rel=1e-6)
-  assert float(diffusion.normal_kl(0.1, -1.0, 0.1, -1.0)) == pytest.approx(0.0, abs=1e-7)
+  assert float(likelihood.normal_kl(0.1, -1.0, 0.1, -1.0)) == pytest.approx(0.0, abs=1e-7)
 
 
 def test_approx_standard_normal_cdf():
   x = np.linspace(-6, 6, 1001)
-  np.testing.assert_allclose(diffusion.approx_standard_normal_cdf(x), ndtr(x), atol=2e-4)
+  np.testing.assert_allclose(likelihood.approx_standard_normal_cdf(x), ndtr(x), atol=2e-4)
 
 
 @pytest.mark.parametrize('mean, log_scale', [(0.0, np.log(0.01)), (0.9977, np.log(0.003)),
                                              (-1.3, np.log(0.4)), (0.2, np.log(3.0))])
 def test_discretized_decoder_sums_to_one(mean, log_scale):
   x = np.arange(256) / 127.5 - 1.0  # the 256 levels, x = 2k/255 - 1
-  logp = diffusion.discretized_gaussian_log_likelihood(
+  logp = likelihood.discretized_gaussian_log_likelihood(
       x, means=np.full(256, mean), log_scales=np.full(256, log_scale))
   assert float(jnp.exp(logp).sum()) == pytest.approx(1.0, abs=1e-5)
   # Each bin is the Gaussian's mass over it (open at the edges), up to the tanh CDF's error.
@@ -250,7 +253,7 @@ def test_prior_bpd(schedule, ref):
   x0, _ = data(17)
   abar = ref['abar'][-1]
   want = 0.5 * (-1 - np.log(1 - abar) + (1 - abar) + abar * x0 ** 2)
-  close(diffusion.prior_bpd(schedule, x0), want.mean(axis=(1, 2, 3)) / LN2, rtol=1e-4, atol=1e-9)
+  close(likelihood.prior_bpd(schedule, x0), want.mean(axis=(1, 2, 3)) / LN2, rtol=1e-4, atol=1e-9)
 
 
 # --- Training losses -----------------------------------------------------------------------------
@@ -274,14 +277,14 @@ def test_mse_loss_is_l_simple(schedule, mean_type):
   xt = np.asarray(diffusion.q_sample(schedule, x0, t, eps), np.float64)
   target = {'eps': eps, 'x0': x0,
             'v': np.asarray(diffusion.predict_v(schedule, x0, t, eps), np.float64)}[mean_type]
-  terms = diffusion.training_losses(linear_model(0.7, 0.0, False), schedule, x0, t, eps,
+  terms = objectives.training_losses(linear_model(0.7, 0.0, False), schedule, x0, t, eps,
                                     model_mean_type=mean_type, model_var_type='fixedlarge',
                                     loss_type='mse')
   want = ((target - 0.7 * xt) ** 2).mean(axis=(1, 2, 3))
   close(terms['mse'], want)
   close(terms['loss'], want)
   assert 'vb' not in terms
-  oracle = diffusion.training_losses(oracle_model(schedule, x0, eps, mean_type), schedule, x0,
+  oracle = objectives.training_losses(oracle_model(schedule, x0, eps, mean_type), schedule, x0,
                                      t, eps, model_mean_type=mean_type,
                                      model_var_type='fixedlarge', loss_type='mse')
   close(oracle['loss'], np.zeros(SHAPE[0]), atol=1e-10)
@@ -292,7 +295,7 @@ def test_kl_loss_terms(schedule, ref):
   _, eps = data(20)
   t = np.array([0, 1, 10, 999], np.int32)
   model_fn = linear_model(0.3, 0.0, False)
-  terms = diffusion.training_losses(model_fn, schedule, x0, t, eps, model_mean_type='eps',
+  terms = objectives.training_losses(model_fn, schedule, x0, t, eps, model_mean_type='eps',
                                     model_var_type='fixedlarge', loss_type='kl')
   # Reference: KL between the true posterior and the model's Gaussian (DDPM eq. 5), decoder
   # NLL at t = 0 (DDPM eq. 13), both in bits per dimension.
@@ -327,7 +330,7 @@ def test_hybrid_is_l_simple_plus_scaled_vlb_with_frozen_mean(var_type):
 
   def loss(params, loss_type):
     model_fn = linear_model(params['mean'], params['var'], learned)
-    return diffusion.training_losses(model_fn, schedule, x0, t, eps, loss_type=loss_type, **kw)
+    return objectives.training_losses(model_fn, schedule, x0, t, eps, loss_type=loss_type, **kw)
 
   @jax.jit
   def everything(params):
@@ -365,7 +368,7 @@ def test_losses_trace_once_and_are_finite_in_bf16(schedule, mean_type, var_type,
   @chex.assert_max_traces(n=1)
   def loss_fn(scale, x0, t, noise):
     model_fn = linear_model(scale, 0.1, learned)
-    return diffusion.training_losses(model_fn, schedule, x0, t, noise, model_mean_type=mean_type,
+    return objectives.training_losses(model_fn, schedule, x0, t, noise, model_mean_type=mean_type,
                                      model_var_type=var_type, loss_type=loss_type)
 
   for seed in (22, 23):
@@ -387,7 +390,7 @@ def test_bpd_loop_traces_once(schedule):
   @jax.jit
   @chex.assert_max_traces(n=1)
   def bpd(scale, x0, key):
-    return diffusion.calc_bpd_loop(lambda x, t: scale * x, small, x0, key,
+    return likelihood.calc_bpd_loop(lambda x, t: scale * x, small, x0, key,
                                    model_mean_type='eps', model_var_type='fixedlarge')
 
   for seed in (24, 25):
@@ -462,7 +465,7 @@ def test_gaussian_data_vlb(schedule):
 
   @jax.jit
   def bpd(x, key):
-    return {var: diffusion.calc_bpd_loop(model_fn, schedule, x, key, model_mean_type='eps',
+    return {var: likelihood.calc_bpd_loop(model_fn, schedule, x, key, model_mean_type='eps',
                                          model_var_type=var, clip_denoised=False)['total_bpd']
             for var in ('fixedlarge', 'fixedsmall')}
 
@@ -483,7 +486,7 @@ def test_gaussian_data_vlb(schedule):
 
 
 def test_sample_timesteps():
-  t = diffusion.sample_timesteps(jax.random.key(0), 4096, 10)
+  t = timesteps.sample_timesteps(jax.random.key(0), 4096, 10)
   assert t.dtype == jnp.int32 and t.shape == (4096,)
   counts = np.bincount(np.asarray(t), minlength=10)
   assert counts.min() > 300 and int(t.max()) == 9 and int(t.min()) == 0
@@ -516,11 +519,11 @@ class ReferenceResampler:
 
 def test_loss_aware_sampler_matches_reference():
   num_timesteps, history = 6, 3
-  state = diffusion.loss_aware_init(num_timesteps, history)
+  state = timesteps.loss_aware_init(num_timesteps, history)
   ref = ReferenceResampler(num_timesteps, history, 0.01)
-  update = jax.jit(diffusion.loss_aware_update)
+  update = jax.jit(timesteps.loss_aware_update)
   rng = np.random.default_rng(27)
-  np.testing.assert_allclose(diffusion.loss_aware_probs(state, 0.01), ref.weights(), rtol=1e-6)
+  np.testing.assert_allclose(timesteps.loss_aware_probs(state, 0.01), ref.weights(), rtol=1e-6)
   for _ in range(12):  # repeated t within a batch, histories filling and shifting
     t = rng.integers(0, num_timesteps, 8).astype(np.int32)
     losses = rng.uniform(0.1, 2.0, 8) * (1 + np.arange(num_timesteps))[t]
@@ -528,9 +531,9 @@ def test_loss_aware_sampler_matches_reference():
     ref.update(t, losses)
     np.testing.assert_allclose(state.loss_history, ref.history, rtol=1e-6)
     np.testing.assert_array_equal(state.loss_counts, ref.counts)
-    np.testing.assert_allclose(diffusion.loss_aware_probs(state, 0.01), ref.weights(), rtol=1e-5)
+    np.testing.assert_allclose(timesteps.loss_aware_probs(state, 0.01), ref.weights(), rtol=1e-5)
   assert (ref.counts == history).all()
-  t, weights = jax.jit(diffusion.loss_aware_sample, static_argnums=2)(jax.random.key(1), state,
+  t, weights = jax.jit(timesteps.loss_aware_sample, static_argnums=2)(jax.random.key(1), state,
                                                                       20000, 0.01)
   probs = ref.weights()
   np.testing.assert_allclose(weights, 1 / (num_timesteps * probs[np.asarray(t)]), rtol=1e-5)
@@ -566,10 +569,10 @@ def test_bad_types_and_shapes_raise(schedule):
     diffusion.p_mean_variance(model_fn, schedule, x0, t, model_mean_type='score',
                               model_var_type='fixedlarge')
   with pytest.raises(ValueError, match="'huber'"):
-    diffusion.training_losses(model_fn, schedule, x0, t, eps, model_mean_type='eps',
+    objectives.training_losses(model_fn, schedule, x0, t, eps, model_mean_type='eps',
                               model_var_type='fixedlarge', loss_type='huber')
   with pytest.raises(ValueError, match="'learned'"):  # C channels where 2C are needed
-    diffusion.training_losses(model_fn, schedule, x0, t, eps, model_mean_type='eps',
+    objectives.training_losses(model_fn, schedule, x0, t, eps, model_mean_type='eps',
                               model_var_type='learned', loss_type='mse')
   assert diffusion.model_output_channels(3, 'learned_range') == 6
   assert diffusion.model_output_channels(3, 'fixedsmall') == 3

@@ -16,9 +16,9 @@ import pytest
 import scipy.stats
 
 from configs import cifar
-from jaxddpm import diffusion
 from jaxddpm import evaluation
 from jaxddpm import images as images_lib
+from jaxddpm.diffusion import likelihood
 from jaxddpm import parallel
 from jaxddpm import schedules
 from jaxddpm.models import inception
@@ -303,7 +303,7 @@ def test_bits_per_dim_sharded_equals_direct(with_labels):
   direct = []
   for i, idx in enumerate([[0, 1, 2, 3], [4, 5, 5, 5]]):
     kwargs = {'y': jnp.asarray(labels[idx])} if with_labels else None
-    out = diffusion.calc_bpd_loop(_toy_model_fn, schedule, jnp.asarray(q[idx]),
+    out = likelihood.calc_bpd_loop(_toy_model_fn, schedule, jnp.asarray(q[idx]),
                                   jax.random.fold_in(key, i), model_kwargs=kwargs, **types)
     direct.append({k: np.asarray(v)[:len(set(idx))] for k, v in out.items()})
   ref = {k: np.concatenate([d[k] for d in direct]) for k in direct[0]}

@@ -12,8 +12,8 @@ import pytest
 PACKAGE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            'jaxddpm')
 # The pure core: math, networks and solvers. Everything else is the shell (I/O, configs, CLIs).
-CORE = ('jaxddpm.schedules', 'jaxddpm.diffusion', 'jaxddpm.objectives', 'jaxddpm.timesteps',
-        'jaxddpm.samplers', 'jaxddpm.solvers', 'jaxddpm.models')
+CORE = ('jaxddpm.schedules', 'jaxddpm.diffusion', 'jaxddpm.objectives',
+        'jaxddpm.timesteps', 'jaxddpm.samplers', 'jaxddpm.solvers', 'jaxddpm.models')
 
 
 def _modules() -> dict[str, str]:

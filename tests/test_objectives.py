@@ -14,6 +14,7 @@ from configs import tiny
 from jaxddpm import diffusion
 from jaxddpm import objectives
 from jaxddpm import schedules
+from jaxddpm import timesteps
 from jaxddpm import train
 from jaxddpm import train_state
 
@@ -125,7 +126,7 @@ def test_bad_arguments_are_rejected():
 def _fixed_timesteps(t):
   """A sampler that always draws the given t (weights 1): the sampler plug-in at its simplest."""
   t = jnp.asarray(t, jnp.int32)
-  return objectives.TimestepSampler(
+  return timesteps.TimestepSampler(
       init=lambda: None, sample=lambda key, state, batch_size: (t, jnp.ones(t.shape)),
       update=lambda state, t, losses: state)
 
@@ -200,7 +201,7 @@ def test_weighting_scales_only_the_mse_term_of_hybrid():
         apply_fn, schedule, weighting=w, timestep_sampler=_fixed_timesteps(T_INDEX), **types)(
             0.3, {'x': x, 'cond': {}}, key)[1] for w in ('uniform', 'min_snr')}
     noise = jax.random.normal(jax.random.split(key, 3)[1], x.shape)
-    terms = diffusion.training_losses(lambda x_t, t: apply_fn(0.3, x_t, t, {}, None), schedule,
+    terms = objectives.training_losses(lambda x_t, t: apply_fn(0.3, x_t, t, {}, None), schedule,
                                       x, t, noise, **types)
     return metrics, terms
 
@@ -242,7 +243,7 @@ def test_loss_fn_is_jitted_once_and_differentiable():
 
 def _warm_loss_aware_state(seed=0):
   """A full history with losses growing in t, so p_t is far from uniform."""
-  state = diffusion.loss_aware_init(T)
+  state = timesteps.loss_aware_init(T)
   losses = np.linspace(0.1, 3.0, T)[:, None] * np.random.default_rng(seed).uniform(
       0.5, 1.5, (T, state.loss_history.shape[1]))
   return state.replace(loss_history=jnp.asarray(losses, jnp.float32),
@@ -251,7 +252,7 @@ def _warm_loss_aware_state(seed=0):
 
 def test_loss_aware_sampler_weights_and_update():
   schedule = schedules.make_schedule('linear', T)
-  sampler = objectives.loss_aware_timesteps(T)
+  sampler = timesteps.loss_aware_timesteps(T)
   loss_fn = objectives.denoising_objective(
       lambda params, x_t, t, cond, key: params * x_t, schedule, model_mean_type='eps',
       model_var_type='fixedlarge', loss_type='mse', weighting='truncated_snr',
@@ -262,7 +263,7 @@ def test_loss_aware_sampler_weights_and_update():
   loss, metrics = jax.jit(loss_fn)(0.5, {'x': x, 'cond': {}}, key, state)
 
   t_key = jax.random.split(key, 3)[0]
-  t_ref, importance = diffusion.loss_aware_sample(t_key, state, 16)
+  t_ref, importance = timesteps.loss_aware_sample(t_key, state, 16)
   np.testing.assert_array_equal(metrics['_t'], t_ref)
   # _loss is the weighted per-example loss before the importance weights: eps-MSE of the
   # prediction 0.5 x_t, times max(1, 1 / SNR) (truncated SNR on eps).
@@ -274,7 +275,7 @@ def test_loss_aware_sampler_weights_and_update():
   np.testing.assert_allclose(metrics['_loss'], ref['truncated_snr']['eps'][np.asarray(t_ref)]
                              * eps_mse, rtol=1e-5)
   # loss = mean_i (1 / (T p_{t_i})) L_i, the importance-weighted estimate [IDDPM sec. 3.3].
-  probs = np.asarray(diffusion.loss_aware_probs(state), np.float64)
+  probs = np.asarray(timesteps.loss_aware_probs(state), np.float64)
   np.testing.assert_allclose(importance, 1.0 / (T * probs[np.asarray(t_ref)]), rtol=1e-6)
   np.testing.assert_allclose(loss, np.mean(importance * metrics['_loss']), rtol=1e-6)
   assert np.ptp(importance) > 0.5  # the weights matter here
@@ -354,14 +355,14 @@ def test_uniform_weighting_reproduces_the_train_step_bitwise(mean_type, var_type
     assert cond == {}
     return model.apply({'params': params}, x_t, t, None, train=True, rngs={'dropout': key})
 
-  timesteps = (objectives.loss_aware_timesteps(T) if sampler == 'loss_aware'
-               else objectives.uniform_timesteps(T))
+  timestep_sampler = (timesteps.loss_aware_timesteps(T) if sampler == 'loss_aware'
+                      else timesteps.uniform_timesteps(T))
   loss_fn = objectives.denoising_objective(
       apply_fn, schedule, model_mean_type=mean_type, model_var_type=var_type,
-      loss_type=loss_type, timestep_sampler=timesteps)
+      loss_type=loss_type, timestep_sampler=timestep_sampler)
   # The same program structure as the train step: XLA may fuse a lone loss_fn differently,
   # which can move the loss or the mean VLB term by an ulp.
-  step = _generic_step(loss_fn, timesteps, train_state.make_optimizer(config.optim),
+  step = _generic_step(loss_fn, timestep_sampler, train_state.make_optimizer(config.optim),
                        float(config.optim.ema_decay))
   got_state, got = jax.jit(step)(state, {'x': x, 'cond': {}})
   assert set(got) == {'loss', 'mse', 'grad_norm'} | ({'vb'} if 'vb' in want else set())
