@@ -22,9 +22,9 @@ import numpy as np
 
 from jaxddpm import diffusion
 from jaxddpm import objectives
+from jaxddpm import samplers
 from jaxddpm import schedules
 
-SAMPLERS = ('ddpm', 'ddim')
 TIMESTEP_SAMPLERS = ('uniform', 'loss_aware')
 DOWNSAMPLE_PADDINGS = ('same', 'symmetric')
 CHANNELS = (1, 3, 4)
@@ -254,7 +254,7 @@ def _validate_sampling(s, num_timesteps):
   p = 'sampling'
   for name in ('sampler', 'train_grid_sampler'):
     if name in s:
-      _choice(s, name, p, SAMPLERS)
+      _choice(s, name, p, samplers.SAMPLERS)
   for name in ('num_steps', 'train_grid_steps'):
     if name in s:
       steps = _int(s, name, p, 2)  # as run_sample.py --steps: a respaced schedule keeps >= 2
