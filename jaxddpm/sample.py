@@ -294,6 +294,24 @@ def load_run(workdir: str, *, ema: bool = True, step: int | None = None) -> Run:
   return Run(*runs.load_run(workdir, ema=ema, step=step))
 
 
+def _inpainting_inputs(config, steps: int, image_path, mask_path, resample: int,
+                       jump_length: int) -> tuple[np.ndarray, np.ndarray] | None:
+  """The (image, mask) to inpaint, or None; RePaint's settings checked before any compiling."""
+  if not (image_path or mask_path):
+    if resample != 1:
+      raise SampleError(f'inpaint_resample = {resample} needs --inpaint_image and '
+                        '--inpaint_mask')
+    return None
+  inpainting = load_inpainting_inputs(image_path, mask_path, int(config.data.image_size),
+                                      int(config.data.channels))
+  try:
+    samplers.repaint_plan(steps, jump_length, resample)
+  except ValueError as e:
+    raise SampleError(f'inpaint_resample = {resample}, inpaint_jump_length = '
+                      f'{jump_length}: {e}') from None
+  return inpainting
+
+
 def sample_run(workdir: str, *, sampler: str | None = None, steps: int | None = None,
                eta: float | None = None, num_samples: int | None = None,
                batch_size: int | None = None, seed: int | None = None,
@@ -308,22 +326,17 @@ def sample_run(workdir: str, *, sampler: str | None = None, steps: int | None = 
 
   Args:
     workdir: a run directory (config.json + checkpoints/).
-    sampler: 'ddpm' (ancestral) or 'ddim'.
-    steps: number of denoising steps in [2, diffusion.num_timesteps] (fewer than T respaces
-      the schedule).
-    eta: DDIM's eta in [0, 1].
+    sampler, steps, eta: 'ddpm' (ancestral) or 'ddim'; steps in [2, T] (fewer than T
+      respaces the schedule); DDIM's eta in [0, 1].
     num_samples, batch_size: total samples and samples per compiled call (rounded up to a
-      multiple of the number of devices).
-    seed: PRNG seed.
+      multiple of the number of devices). seed: PRNG seed.
     class_label: class of every sample (conditional models); None draws labels uniformly.
     guidance_scale: classifier-free guidance weight w (> 0 needs a conditional model).
-    inpaint_image, inpaint_mask: image files of the model's size; the mask is white where the
-      image is kept. Every sample fills the same image.
-    inpaint_resample, inpaint_jump_length: RePaint's r and jump length (< steps when r > 1);
-      r = 1 is the replacement method.
+    inpaint_image, inpaint_mask: image files of the model's size, white = keep; every sample
+      fills the same image. inpaint_resample, inpaint_jump_length: RePaint's r and jump
+      length (< steps when r > 1); r = 1 is the replacement method.
     output_dir: default `default_output_dir`; must not hold outputs of an earlier sampling.
-    save_individual: also write one PNG per sample.
-    progress: show a progress bar (process 0 only).
+    save_individual: also write one PNG per sample. progress: a progress bar (process 0).
     mesh: a 1-D 'data' mesh (default `parallel.make_mesh()`, all devices).
 
   Returns:
@@ -343,18 +356,8 @@ def sample_run(workdir: str, *, sampler: str | None = None, steps: int | None = 
   opts = _resolve(config, sampler=sampler, steps=steps, eta=eta, num_samples=num_samples,
                   batch_size=batch_size, seed=seed, class_label=class_label,
                   guidance_scale=guidance_scale, mesh_size=mesh.size)
-  size, channels = int(config.data.image_size), int(config.data.channels)
-  inpainting = None
-  if inpaint_image or inpaint_mask:
-    inpainting = load_inpainting_inputs(inpaint_image, inpaint_mask, size, channels)
-    try:  # the plan's own checks, before any loading or compiling
-      samplers.repaint_plan(opts['steps'], inpaint_jump_length, inpaint_resample)
-    except ValueError as e:
-      raise SampleError(f'inpaint_resample = {inpaint_resample}, inpaint_jump_length = '
-                        f'{inpaint_jump_length}: {e}') from None
-  elif inpaint_resample != 1:
-    raise SampleError(f'inpaint_resample = {inpaint_resample} needs --inpaint_image and '
-                      '--inpaint_mask')
+  inpainting = _inpainting_inputs(config, opts['steps'], inpaint_image, inpaint_mask,
+                                  inpaint_resample, inpaint_jump_length)
   try:
     # Before naming the outputs: a damaged newest checkpoint makes this an older step.
     loaded = runs.load_run_and_step(workdir, ema=True)
