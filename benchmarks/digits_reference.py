@@ -25,7 +25,6 @@ import sys
 
 from absl import app
 from absl import flags
-import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,7 +33,7 @@ from configs import digits  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxddpm import data  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxddpm import evaluation  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxddpm import runs  # noqa: E402  pylint: disable=g-import-not-at-top
-from jaxddpm import schedules  # noqa: E402  pylint: disable=g-import-not-at-top
+from jaxddpm import sample  # noqa: E402  pylint: disable=g-import-not-at-top
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A digits run to sample from (optional).')
 _NUM = flags.DEFINE_integer('num', data.DIGITS_NUM_TEST, 'Images per row (at most 297).')
@@ -61,11 +60,9 @@ def main(argv):
   rows = {'held-out real digits': held_out, 'random training digits': train,
           'uniform noise': noise.astype(np.float32)}
   if _WORKDIR.value is not None:
-    config.sampling.sampler, config.sampling.num_steps = 'ddim', 50
-    _, _, model_fn = runs.load_run(_WORKDIR.value)
-    rows['DDIM-50 samples'] = evaluation.generate_samples(
-        config, model_fn, schedules.schedule_from_config(config.diffusion), num,
-        jax.random.key(_SEED.value))
+    _, params, _ = runs.load_run(_WORKDIR.value)
+    rows['DDIM-50 samples'] = sample.generate(config, params, num_samples=num, sampler='ddim',
+                                              steps=50, seed=_SEED.value)['samples']
   for name, images in rows.items():
     metrics = evaluation.scalars(evaluation.compute_metrics(images, reference,
                                                             extractor=extractor))

@@ -42,7 +42,7 @@ from jaxddpm import models
 from jaxddpm import parallel
 from jaxddpm import runs
 from jaxddpm import runtime
-from jaxddpm import samplers
+from jaxddpm import sample
 from jaxddpm import schedules
 from jaxddpm.digits_classifier import DigitsExtractor
 from jaxddpm.models import inception
@@ -494,43 +494,6 @@ def extractor_from_config(config, *, workdir=None, inception_weights=None, mesh=
   return InceptionExtractor.from_weights(weights, mesh=mesh)
 
 
-def generate_samples(config, model_fn, schedule, num_samples, key, *, mesh=None):
-  """num_samples float32 [N, H, W, C] samples (unclipped) with config.sampling's sampler.
-
-  Batches of config.sampling.batch_size (rounded to the mesh), sharded over
-  its 'data' axis; conditional models get uniform random labels and
-  config.sampling.guidance_scale.
-  """
-  s = config.sampling
-  types = diffusion.types_from_config(config.diffusion)
-  plan = samplers.make_sampler(
-      schedule, sampler=s.sampler, num_steps=min(int(s.num_steps), schedule.num_timesteps),
-      eta=float(s.eta), model_mean_type=types['model_mean_type'],
-      model_var_type=types['model_var_type'], clip_denoised=bool(s.clip_denoised))
-  num_classes = int(config.model.num_classes)
-  if num_classes and float(s.guidance_scale) > 0:
-    model_fn = samplers.classifier_free_guidance(model_fn, float(s.guidance_scale), num_classes)
-  batch = _round_to_mesh(min(int(s.batch_size), num_samples), mesh)
-  size, channels = int(config.data.image_size), int(config.data.channels)
-  sharding = None if mesh is None else NamedSharding(mesh, P('data'))
-
-  @functools.partial(jax.jit, out_shardings=sharding)
-  def start(key):
-    x_key, y_key = jax.random.split(key)
-    x_T = jax.random.normal(x_key, (batch, size, size, channels), jnp.float32)
-    return x_T, jax.random.randint(y_key, (batch,), 0, max(num_classes, 1), jnp.int32)
-
-  out = []
-  for b in range(-(-num_samples // batch)):
-    batch_key = jax.random.fold_in(key, b)
-    x_T, y = start(batch_key)
-    kwargs = {'y': y} if num_classes else None
-    out.append(parallel.fetch(samplers.sample(
-        model_fn, plan, batch_key, x_T=x_T, model_kwargs=kwargs,
-        compiler_options=runtime.step_compiler_options())))
-  return np.concatenate(out)[:num_samples]
-
-
 def held_out_bits_per_dim(config, model_fn, schedule, key, *, num_examples=None, mesh=None):
   """bits_per_dim of the first `num_examples` images of config.data.eval_split."""
   batches = list(data.eval_batches(config, batch_size=1024, num_examples=num_examples))
@@ -569,7 +532,9 @@ def training_metrics(config, model, schedule, params, mesh, *, step, workdir=Non
   if num_samples > 1 and extractor is not None:
     ref = dataset_reference_stats(config, extractor,
                                   cache_dir=eval_dir(workdir) if workdir else None)
-    samples = generate_samples(config, model_fn, schedule, num_samples, sample_key, mesh=mesh)
+    # config.sampling's solver, through the package's one sampling loop.
+    samples = sample.generate(config, params, num_samples=num_samples, key=sample_key,
+                              mesh=mesh)['samples']
     out.update(scalars(compute_metrics(samples, ref, extractor=extractor)))
   return out
 

@@ -274,10 +274,12 @@ class Run(NamedTuple):
 def generate(config, params, *, num_samples: int, sampler: str | None = None,
              steps: int | None = None, eta: float | None = None, seed: int | None = None,
              class_label: int | None = None, guidance_scale: float | None = None,
-             batch_size: int | None = None, progress: bool = False, mesh=None) -> dict[str, Any]:
+             batch_size: int | None = None, key: jax.Array | None = None,
+             progress: bool = False, mesh=None) -> dict[str, Any]:
   """Samples of the network `config` describes with `params` (no workdir needed).
 
-  Arguments as `sample_run`'s (None: config.sampling's); returns dict(images uint8
+  Arguments as `sample_run`'s (None: config.sampling's); `key`, when given, replaces
+  key(seed) as the base key (batch b draws from fold_in(key, b)). Returns dict(images uint8
   [N, H, W, C], samples float32 [N, H, W, C] in [-1, 1] (unclipped), labels [N] or None).
   All processes must call it (the parameters may be global arrays).
   """
@@ -285,6 +287,7 @@ def generate(config, params, *, num_samples: int, sampler: str | None = None,
   opts = _resolve(config, sampler=sampler, steps=steps, eta=eta, num_samples=num_samples,
                   batch_size=batch_size, seed=seed, class_label=class_label,
                   guidance_scale=guidance_scale, mesh_size=mesh.size)
+  opts['key'] = key
   return _sample(config, params, opts, step=None, inpainting=None, inpaint_resample=1,
                  inpaint_jump_length=10, progress=progress, mesh=mesh)
 
@@ -427,7 +430,7 @@ def _sample(config, params, opts, *, step, inpainting, inpaint_resample, inpaint
       masks = jnp.broadcast_to(jnp.asarray(mask), shape)
     return plan.init(key, shape, model_kwargs=kwargs, known=known, mask=masks)
 
-  base_key = jax.random.key(opts['seed'])
+  base_key = opts['key'] if opts.get('key') is not None else jax.random.key(opts['seed'])
   abstract = jax.eval_shape(init, base_key, base_key)
   init_jit = jax.jit(init, out_shardings=_state_shardings(abstract, mesh))
   leaves, treedef = jax.tree.flatten(abstract)
