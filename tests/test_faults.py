@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -123,16 +125,11 @@ def test_sampling_falls_back_past_a_damaged_checkpoint(base_run, tmp_path, caplo
   _corrupt(workdir / 'checkpoints' / '8' / 'ema_params')
   params, step = checkpoint.load_params_and_step(str(workdir))
   assert step == 4
-  _assert_trees_equal(jax_get(params), _params(ref_dir, True, step=4))
+  _assert_trees_equal(jax.device_get(params), _params(ref_dir, True, step=4))
   assert any('Checkpoint 8' in r.getMessage() and 'using checkpoint 4' in r.getMessage()
              for r in caplog.records)
   with pytest.raises(checkpoint.CheckpointError, match='Checkpoint 8 .*'):
     checkpoint.load_params(str(workdir), step=8)
-
-
-def jax_get(tree):
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.device_get(tree)
 
 
 def test_failed_background_save_is_one_line_naming_the_last_good(tmp_path, cache_dir):  # pylint: disable=redefined-outer-name
@@ -222,7 +219,6 @@ def test_keep_zero_is_refused_by_the_checkpointer(tmp_path):
 
 
 def test_nonfinite_values_are_counted_per_field():
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   state = {'params': {'w': jnp.array([1.0, np.nan, np.inf])}, 'step': jnp.int32(3),
            'ema_params': {'w': jnp.ones(3)}}
   assert checkpoint.nonfinite_values(state) == {'params': 2}
