@@ -257,13 +257,13 @@ def setup_jaxddpm(config, batch, steps_per_call, sampler, sample_steps, compiler
   """Compiles jaxddpm's train step and sampling step; returns figures and the step calls."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jaxddpm import models, parallel, samplers, schedules, train, train_state  # pylint: disable=g-import-not-at-top
+  from jaxddpm import factories, models, parallel, samplers, train, train_state  # pylint: disable=g-import-not-at-top
 
   device = jax.devices()[0]
   mesh = parallel.make_mesh([device])
   replicated = parallel.replicated(mesh)
-  model = models.create_model(config)
-  schedule = schedules.schedule_from_config(config.diffusion)
+  model = factories.create_model(config)
+  schedule = factories.schedule(config)
   size, channels = int(config.data.image_size), int(config.data.channels)
   result = {'train_images': steps_per_call * batch, 'sample_images': sample_steps * batch}
 
@@ -282,9 +282,10 @@ def setup_jaxddpm(config, batch, steps_per_call, sampler, sample_steps, compiler
                     out_shardings=(replicated, replicated), donate_argnums=(0,),
                     compiler_options=compiler_options)
   rng = np.random.default_rng(0)
-  batches = {'image': rng.uniform(-1, 1, (steps_per_call, batch, size, size, channels)).astype(np.float32)}
+  batches = {'x': rng.uniform(-1, 1, (steps_per_call, batch, size, size, channels)).astype(np.float32),
+             'cond': {}}
   if int(config.model.num_classes) > 0:
-    batches['label'] = rng.integers(0, int(config.model.num_classes), (steps_per_call, batch)).astype(np.int32)
+    batches['cond']['label'] = rng.integers(0, int(config.model.num_classes), (steps_per_call, batch)).astype(np.int32)
   batches = jax.device_put(batches, parallel.data_sharding(mesh, batch_axis=1))
   start = time.perf_counter()
   lowered = step_fn.lower(state, batches)
@@ -328,15 +329,15 @@ def setup_jaxddpm(config, batch, steps_per_call, sampler, sample_steps, compiler
 def sampling_memory(config, batch, step_counts):
   """[(steps, XLA program bytes, host peak bytes above the start or None)] of whole-plan DDIM runs."""
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxddpm import models, samplers, schedules  # pylint: disable=g-import-not-at-top
+  from jaxddpm import factories, models, samplers  # pylint: disable=g-import-not-at-top
 
   host = HostPeak()
   device = jax.devices()[0]
-  model = models.create_model(config)
+  model = factories.create_model(config)
   size, channels = int(config.data.image_size), int(config.data.channels)
-  params = models.init_params(model, jax.random.key(0), size, channels)
+  params = models.init_params(model, jax.random.key(0))
   model_fn = models.make_model_fn(model, params)
-  schedule = schedules.schedule_from_config(config.diffusion)
+  schedule = factories.schedule(config)
   rows = []
   for steps in step_counts:
     plan = samplers.make_sampler(schedule, sampler='ddim', num_steps=steps, chunk_length=steps)
@@ -510,14 +511,14 @@ def main(argv):
   from jaxddpm import runtime  # pylint: disable=g-import-not-at-top
   malloc_tuned = _TUNING.value and runtime.keep_freed_host_memory()
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxddpm import models  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
   if _DTYPE.value:
     config.model.dtype = _DTYPE.value
   config.training.steps_per_call = _STEPS_PER_CALL.value
   config.training.batch_size = _BATCH.value
-  ucfg = models.unet_config_from(config)
+  from jaxddpm import factories  # pylint: disable=g-import-not-at-top
+  ucfg = factories.model_config(config)
   batch, warmup, repeats = _BATCH.value, _WARMUP.value, _REPEATS.value
   device = jax.devices()[0]
   platform = device.platform

@@ -49,7 +49,7 @@ def main(argv):
   # With a workdir, the classifier its evaluations used (cached in WORKDIR/eval).
   extractor = evaluation.extractor_from_config(config, workdir=_WORKDIR.value, required=True)
   reference = evaluation.dataset_reference_stats(config, extractor)
-  held_out = np.concatenate([b['image'] for b in data.eval_batches(
+  held_out = np.concatenate([b['x'] for b in data.eval_batches(
       config, batch_size=num, num_examples=num, split=config.data.eval_split)])
   size, channels = int(config.data.image_size), int(config.data.channels)
   noise = np.random.default_rng(_SEED.value).uniform(-1, 1, (num, size, size, channels))

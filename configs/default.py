@@ -24,6 +24,7 @@ def get_config():
   data.shuffle_buffer = 10_000
 
   config.model = model = ml_collections.ConfigDict()
+  model.name = 'unet'  # the denoiser, from the model registry (jaxddpm.models)
   model.ch = 128
   model.ch_mult = (1, 2, 2, 2)
   model.num_res_blocks = 2

@@ -21,6 +21,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from jaxddpm import diffusion
+from jaxddpm import models
 from jaxddpm import objectives
 from jaxddpm import samplers
 from jaxddpm import schedules
@@ -162,6 +163,8 @@ def _validate_data(d):
 
 def _validate_model(m, data):
   p = 'model'
+  if 'name' in m:
+    _choice(m, 'name', p, models.model_names())
   if 'ch' in m:
     _int(m, 'ch', p, 1)
   ch_mult = _ints(m, 'ch_mult', p, 1, allow_empty=False) if 'ch_mult' in m else None

@@ -32,7 +32,9 @@ import ml_collections
 import numpy as np
 
 from jaxddpm import config_utils
+from jaxddpm import diffusion
 from jaxddpm import models
+from jaxddpm import factories
 
 WEIGHT_NAME = 'diffusion_pytorch_model'
 
@@ -248,11 +250,7 @@ def convert_unet_weights(tensors: Mapping[str, np.ndarray], ucfg: models.UNetCon
   tensor must be used; otherwise ConversionError lists the offending tensors.
   A class embedding gains a zero row for our null class (index num_classes).
   """
-  model = models.UNet(ucfg)
-  x = np.zeros((1, ucfg.image_size, ucfg.image_size, ucfg.in_channels), np.float32)
-  y = np.zeros((1,), np.int32) if ucfg.num_classes else None
-  abstract = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), x, np.zeros((1,), np.int32), y)['params'])
+  abstract = jax.eval_shape(models.init_params, models.UNet(ucfg), jax.random.key(0))
   mapping = _weight_map(ucfg)
   leaf_names = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'embedding': 'weight'}
   used, missing, mismatched = set(), [], []
@@ -360,7 +358,7 @@ def convert_diffusers(src: str, base_config: ml_collections.ConfigDict | None = 
 
   config is `base_config` (default: configs/default.py) with the model, data
   and diffusion fields of the source; params is a float32 NumPy pytree for
-  `models.create_model(config)`.
+  `factories.create_model(config)`.
   """
   unet_cfg, sched_cfg, tensors = read_diffusers_dir(src)
   fields = model_fields_from_diffusers(unet_cfg)
@@ -369,7 +367,7 @@ def convert_diffusers(src: str, base_config: ml_collections.ConfigDict | None = 
     sched_cfg = {}
   diff = diffusion_fields_from_scheduler(sched_cfg)
   channels = fields['data']['channels']
-  learned = diff['diffusion']['model_var_type'] in models.LEARNED_VAR_TYPES
+  learned = diff['diffusion']['model_var_type'] in diffusion.LEARNED_VAR_TYPES
   expected_out = 2 * channels if learned else channels
   if fields['out_channels'] != expected_out:
     raise ConversionError(
@@ -392,7 +390,7 @@ def convert_diffusers(src: str, base_config: ml_collections.ConfigDict | None = 
     config_utils.validate_config(config)
   except ValueError as e:
     raise ConversionError(f'the converted config is invalid: {e}') from e
-  params = convert_unet_weights(tensors, models.unet_config_from(config))
+  params = convert_unet_weights(tensors, factories.model_config(config))
   return config, params
 
 

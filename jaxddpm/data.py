@@ -36,6 +36,7 @@ import functools
 import os
 from typing import Any, Iterator, Sequence
 
+import jax
 import numpy as np
 from PIL import Image
 
@@ -254,8 +255,8 @@ def create_source(data_config, *, split: str, num_classes: int = 0):
 class Pipeline:
   """Host-local training batches as a pure function of (seed, step).
 
-  `batch(step)` -> {'image': float32 [B_local, S, S, C] in [-1, 1],
-  'label': int32 [B_local]} (label only when `with_labels`), this process's
+  `batch(step)` -> {'x': float32 [B_local, S, S, C] in [-1, 1],
+  'cond': {'label': int32 [B_local]}} (cond {} unless `with_labels`), this process's
   rows of the global batch of `step` (see the module docstring).
   """
 
@@ -310,10 +311,8 @@ class Pipeline:
       flips = np.random.default_rng([self.seed, 0x5F11B, step]).random(self.global_batch_size) < 0.5
       flips = flips[rows]
       images[flips] = images[flips, :, ::-1]
-    out = {'image': images.astype(np.float32, copy=False)}
-    if self.with_labels:
-      out['label'] = labels.astype(np.int32)
-    return out
+    cond = {'label': labels.astype(np.int32)} if self.with_labels else {}
+    return {'x': images.astype(np.float32, copy=False), 'cond': cond}
 
   def iterate(self, start_step: int, *, num_workers: int = 2,
               prefetch: int = 4) -> Iterator[dict[str, np.ndarray]]:
@@ -355,7 +354,7 @@ def eval_batches(config, *, batch_size: int, num_examples: int | None = None,
                  split: str | None = None) -> Iterator[dict[str, np.ndarray]]:
   """The first `num_examples` images of the eval split in order, no flips.
 
-  Yields {'image': [b, S, S, C], 'label': [b]} with b <= batch_size (the last
+  Yields {'x': [b, S, S, C], 'cond': {'label': [b]}} ({} without labels), b <= batch_size (the last
   batch may be short). Not sharded across processes.
   """
   num_classes = int(config.model.num_classes)
@@ -370,9 +369,10 @@ def eval_batches(config, *, batch_size: int, num_examples: int | None = None,
       examples = [source[int(i)] for i in idx]
       images = np.stack([e[0] for e in examples])
       labels = np.array([e[1] for e in examples], np.int32)
-    yield {'image': np.asarray(images, np.float32), 'label': np.asarray(labels, np.int32)}
+    cond = {'label': np.asarray(labels, np.int32)} if num_classes > 0 else {}
+    yield {'x': np.asarray(images, np.float32), 'cond': cond}
 
 
 def stack_batches(batches: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
-  """k batches [B, ...] -> one [k, B, ...] (for several train steps per call)."""
-  return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+  """k batches (pytrees of [B, ...]) -> one of [k, B, ...] (for several train steps per call)."""
+  return jax.tree.map(lambda *leaves: np.stack(leaves), *batches)

@@ -35,7 +35,6 @@ import numpy as np
 from scipy import linalg
 
 from jaxddpm import data
-from jaxddpm import diffusion
 from jaxddpm import images as images_lib
 from jaxddpm.diffusion import likelihood
 from jaxddpm import models
@@ -43,9 +42,9 @@ from jaxddpm import parallel
 from jaxddpm import runs
 from jaxddpm import runtime
 from jaxddpm import sample
-from jaxddpm import schedules
 from jaxddpm.digits_classifier import DigitsExtractor
 from jaxddpm.models import inception
+from jaxddpm import factories
 
 __all__ = [
     'frechet_distance', 'inception_score', 'kid', 'FeatureStats', 'feature_stats',
@@ -280,12 +279,12 @@ class InceptionExtractor:
 
 
 def _iter_images(images):
-  """An array [N, H, W, C], or an iterable of arrays / {'image': array} batches."""
+  """An array [N, H, W, C], or an iterable of arrays / {'x': array} batches."""
   if isinstance(images, np.ndarray) or hasattr(images, 'shape'):
     yield np.asarray(images)
     return
   for batch in images:
-    yield np.asarray(batch['image'] if isinstance(batch, dict) else batch)
+    yield np.asarray(batch['x'] if isinstance(batch, dict) else batch)
 
 
 def extract_features(extractor, images):
@@ -375,11 +374,11 @@ def compute_metrics(samples, reference, *, extractor, metrics=METRICS, is_splits
 # Bits/dim.
 
 
-def _bpd_batch_fn(model_fn, schedule, x, key, model_kwargs, *, model_mean_type, model_var_type,
+def _bpd_batch_fn(model_fn, schedule, x, key, cond, *, model_mean_type, model_var_type,
                   clip_denoised):
   return likelihood.calc_bpd_loop(model_fn, schedule, x, key, model_mean_type=model_mean_type,
                                   model_var_type=model_var_type, clip_denoised=clip_denoised,
-                                  model_kwargs=model_kwargs)
+                                  cond=cond)
 
 
 @functools.cache
@@ -395,19 +394,19 @@ def quantize(images):
 
 
 def bits_per_dim(model_fn, schedule, images, key, *, model_mean_type, model_var_type,
-                 clip_denoised=True, labels=None, batch_size=64, mesh=None):
+                 clip_denoised=True, cond=None, batch_size=64, mesh=None):
   """Negative log-likelihood bound in bits/dim over a data set  [DDPM eq. 5, Table 2].
 
   -log p(x_0) <= L_T (prior) + sum_{t=2}^T L_{t-1} + L_0 (decoder), each term
   from `likelihood.calc_bpd_loop` (one x_t draw per term), averaged over images.
 
   Args:
-    model_fn: model_fn(x, t, **cond); pass a `jax.tree_util.Partial` over the
+    model_fn: model_fn(x, t, cond); pass a `jax.tree_util.Partial` over the
       parameters so the compiled loop takes them as arguments (and is reused).
     schedule: the run's Schedule (T terms).
     images: [N, H, W, C] uint8, or float in [-1, 1] (put on the 8-bit grid).
     key: PRNG key; batch i uses fold_in(key, i).
-    labels: [N] int class labels for class-conditional models (passed as y).
+    cond: the images' conditioning pytree of [N, ...] arrays (e.g. {'label': [N]}), or None.
     batch_size: images per compiled call (rounded up to a multiple of the mesh).
     mesh: shard each batch over the mesh's 'data' axis (None: default device).
 
@@ -427,9 +426,9 @@ def bits_per_dim(model_fn, schedule, images, key, *, model_mean_type, model_var_
   for i, start in enumerate(range(0, n, batch_size)):
     idx = np.arange(start, min(start + batch_size, n))
     padded = np.pad(idx, (0, batch_size - len(idx)), mode='edge')  # one shape: one compile
-    kwargs = {} if labels is None else {'y': _put(np.asarray(labels, np.int32)[padded], mesh)}
+    batch_cond = jax.tree.map(lambda a: _put(np.asarray(a)[padded], mesh), cond or {})
     out = _bpd_batch()(model_fn, schedule, _put(images[padded], mesh), jax.random.fold_in(key, i),
-                     kwargs, model_mean_type=model_mean_type, model_var_type=model_var_type,
+                     batch_cond, model_mean_type=model_mean_type, model_var_type=model_var_type,
                      clip_denoised=clip_denoised)
     results.append({k: parallel.fetch(v)[:len(idx)] for k, v in out.items()})
   r = {k: np.concatenate([b[k] for b in results]).astype(np.float64) for k in results[0]}
@@ -497,10 +496,10 @@ def extractor_from_config(config, *, workdir=None, inception_weights=None, mesh=
 def held_out_bits_per_dim(config, model_fn, schedule, key, *, num_examples=None, mesh=None):
   """bits_per_dim of the first `num_examples` images of config.data.eval_split."""
   batches = list(data.eval_batches(config, batch_size=1024, num_examples=num_examples))
-  images = np.concatenate([b['image'] for b in batches])
-  labels = np.concatenate([b['label'] for b in batches]) if config.model.num_classes else None
-  types = diffusion.types_from_config(config.diffusion)
-  return bits_per_dim(model_fn, schedule, images, key, labels=labels,
+  images = np.concatenate([b['x'] for b in batches])
+  cond = jax.tree.map(lambda *a: np.concatenate(a), *[b['cond'] for b in batches])
+  types = factories.diffusion_types(config)
+  return bits_per_dim(model_fn, schedule, images, key, cond=cond,
                       batch_size=int(config.eval.get('batch_size', config.sampling.batch_size)),
                       mesh=mesh, model_mean_type=types['model_mean_type'],
                       model_var_type=types['model_var_type'],
@@ -600,9 +599,9 @@ def evaluate_run(workdir, images, *, metrics, extractor=None, bpd_num_examples=N
   if 'bpd' in metrics:
     config, params, _ = runs.load_run(workdir, ema=True)
     params = jax.device_put(params, NamedSharding(mesh, P()))
-    model_fn = models.make_model_fn(models.create_model(config), params)
+    model_fn = models.make_model_fn(factories.create_model(config), params)
     n = int(config.eval.bpd_num_examples) if bpd_num_examples is None else bpd_num_examples
-    schedule = schedules.schedule_from_config(config.diffusion)
+    schedule = factories.schedule(config)
     out.update(held_out_bits_per_dim(config, model_fn, schedule, jax.random.key(seed),
                                      num_examples=n or None, mesh=mesh))
   return out

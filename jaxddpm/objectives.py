@@ -46,6 +46,7 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import jax.numpy as jnp
 
+from jaxddpm import conditioning
 from jaxddpm import diffusion
 from jaxddpm.diffusion import likelihood
 from jaxddpm import timesteps
@@ -153,7 +154,7 @@ def loss_weight(schedule: Schedule, t: jax.Array, *, model_mean_type: str, weigh
 
 def training_losses(model_fn: diffusion.ModelFn, schedule: Schedule, x_start: jax.Array,
                     t: jax.Array, noise: jax.Array, *, model_mean_type: str, model_var_type: str,
-                    loss_type: str, model_kwargs: Optional[Mapping[str, Any]] = None
+                    loss_type: str, cond: Optional[Mapping[str, Any]] = None
                     ) -> dict[str, jax.Array]:
   """Per-example training losses at x_t = q_sample(x_start, t, noise)  (`diffusion.q_sample`).
 
@@ -173,7 +174,7 @@ def training_losses(model_fn: diffusion.ModelFn, schedule: Schedule, x_start: ja
   The VLB terms use unclipped x_0-hat (clip_denoised=False), as in improved-diffusion.
 
   Args:
-    model_fn: model_fn(x, t, **model_kwargs) -> [B, H, W, C] or [B, H, W, 2C].
+    model_fn: model_fn(x, t, cond) -> [B, H, W, C] or [B, H, W, 2C].
     x_start: x_0, [B, H, W, C] in [-1, 1].
     t: int32 [B] (uniform, or from `timesteps.loss_aware_sample`).
     noise: eps ~ N(0, I), [B, H, W, C].
@@ -185,7 +186,7 @@ def training_losses(model_fn: diffusion.ModelFn, schedule: Schedule, x_start: ja
   diffusion.check_types(model_mean_type, model_var_type, loss_type)
   x_start, noise = _float(x_start), _float(noise)
   x_t = diffusion.q_sample(schedule, x_start, t, noise)
-  model_output = _float(diffusion.call_model(model_fn, schedule, x_t, t, model_kwargs))
+  model_output = _float(diffusion.call_model(model_fn, schedule, x_t, t, cond))
   pred, var_values = diffusion.split_model_output(model_output, x_start.shape[-1],
                                                   model_var_type)
   if model_mean_type == 'eps':
@@ -231,7 +232,8 @@ def _check_objective(schedule, model_mean_type, model_var_type, loss_type, weigh
 def denoising_objective(apply_fn: ApplyFn, schedule: Schedule, *, model_mean_type: str,
                         model_var_type: str, loss_type: str, weighting: str = 'uniform',
                         min_snr_gamma: float = 5.0,
-                        timestep_sampler: Optional[timesteps.TimestepSampler] = None) -> LossFn:
+                        timestep_sampler: Optional[timesteps.TimestepSampler] = None,
+                        cond_spec: Optional[conditioning.Spec] = None) -> LossFn:
   """The denoising loss of DDPM / improved DDPM with the eps, x0 or v target and a weighting.
 
   Per example (`training_losses`, x_t = q_sample(x, t, eps)):
@@ -247,8 +249,9 @@ def denoising_objective(apply_fn: ApplyFn, schedule: Schedule, *, model_mean_typ
 
   Randomness: key splits into (t_key, noise_key, dropout_key) = split(key, 3); t from
   timestep_sampler.sample(t_key, ...), eps = normal(noise_key, x.shape, float32), dropout_key
-  goes to apply_fn. With key = fold_in(state.rng, step), weighting 'uniform' and the uniform
-  sampler this is today's train step's loss bit for bit.
+  goes to apply_fn. Conditioning dropout (classifier-free guidance training) draws from
+  fold_in(key, 3): `conditioning.drop(batch['cond'], cond_spec, ...)` nulls each key with its
+  kind's rate.
 
   Args:
     apply_fn: apply_fn(params, x_t, t, cond, key) -> output, the network in training mode;
@@ -260,6 +263,8 @@ def denoising_objective(apply_fn: ApplyFn, schedule: Schedule, *, model_mean_typ
     weighting: one of WEIGHTINGS (module docstring).
     min_snr_gamma: gamma of 'min_snr'.
     timestep_sampler: a `timesteps.TimestepSampler`; None is `timesteps.uniform_timesteps(T)`.
+    cond_spec: the network's conditioning spec (`conditioning`, e.g. the U-Net config's
+      `cond_spec()`); its kinds' dropout rates apply to batch['cond']. None: no dropout.
 
   Returns:
     loss_fn(params, batch, key, timestep_state=None) -> (loss, metrics), pure and jit-able.
@@ -284,11 +289,14 @@ def denoising_objective(apply_fn: ApplyFn, schedule: Schedule, *, model_mean_typ
     t_key, noise_key, dropout_key = jax.random.split(key, 3)
     t, importance = sampler.sample(t_key, timestep_state, batch_size)
     noise = jax.random.normal(noise_key, x_start.shape, jnp.float32)
+    cond = batch.get('cond', {})
+    if cond_spec is not None:
+      cond = conditioning.drop(cond, cond_spec, jax.random.fold_in(key, 3))
 
-    def model_fn(x_t, timesteps):
-      return apply_fn(params, x_t, timesteps, batch['cond'], dropout_key)
+    def model_fn(x_t, timesteps, c):
+      return apply_fn(params, x_t, timesteps, c, dropout_key)
 
-    terms = training_losses(model_fn, schedule, x_start, t, noise, **types)
+    terms = training_losses(model_fn, schedule, x_start, t, noise, cond=cond, **types)
     per_example = terms['loss']
     if weighting != 'uniform':
       weight = loss_weight(schedule, t, model_mean_type=model_mean_type, weighting=weighting,

@@ -15,6 +15,7 @@ import ml_collections
 
 from jaxddpm import checkpoint
 from jaxddpm import models
+from jaxddpm import factories
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -54,10 +55,8 @@ def load_run_and_step(workdir: str, *, ema: bool = True, step: int | None = None
   params, step = checkpoint.load_params_and_step(workdir, ema=ema, step=step)
   if set(params) == {'params'}:  # a checkpoint of the whole Flax variables dict
     params = params['params']
-  model = models.create_model(config)
-  ucfg = model.config
-  abstract = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), ucfg.image_size,
-                                                        ucfg.in_channels))
+  model = factories.create_model(config)
+  abstract = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
   if jax.tree.structure(abstract) != jax.tree.structure(params) or any(
       a.shape != p.shape for a, p in zip(jax.tree.leaves(abstract), jax.tree.leaves(params))):
     raise ValueError(f'the checkpoint in {workdir!r} does not fit the model of its config.json')

@@ -40,14 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxddpm import checkpoint
-from jaxddpm import diffusion
 from jaxddpm import images as images_lib
 from jaxddpm import models
 from jaxddpm import parallel
 from jaxddpm import runs
 from jaxddpm import runtime
 from jaxddpm import samplers
-from jaxddpm import schedules
+from jaxddpm import factories
 
 GRID_SIZE = 64
 # What `write_outputs` (and run_sample.py's metrics.json) put in an output dir.
@@ -396,14 +395,16 @@ def _sample(config, params, opts, *, step, inpainting, inpaint_resample, inpaint
   size, channels = int(config.data.image_size), int(config.data.channels)
   num_classes = int(config.model.num_classes)
   rep = parallel.replicated(mesh)
-  model_fn = models.make_model_fn(models.create_model(config), jax.device_put(params, rep))
+  model = factories.create_model(config)
+  model_fn = models.make_model_fn(model, jax.device_put(params, rep))
   if opts['guidance_scale'] > 0:
-    model_fn = samplers.classifier_free_guidance(model_fn, opts['guidance_scale'], num_classes)
+    model_fn = samplers.classifier_free_guidance(model_fn, opts['guidance_scale'],
+                                                 model.config.cond_spec())
 
   try:
-    types = diffusion.types_from_config(config.diffusion)
+    types = factories.diffusion_types(config)
     plan = samplers.make_sampler(
-        schedules.schedule_from_config(config.diffusion), sampler=opts['sampler'],
+        factories.schedule(config), sampler=opts['sampler'],
         num_steps=opts['steps'], eta=opts['eta'], model_mean_type=types['model_mean_type'],
         model_var_type=types['model_var_type'],
         clip_denoised=bool(config.sampling.clip_denoised),
@@ -417,18 +418,18 @@ def _sample(config, params, opts, *, step, inpainting, inpaint_resample, inpaint
   shape = (batch, size, size, channels)
 
   def init(key, label_key):
-    kwargs = {}
+    cond = {}
     if num_classes:
       if opts['class_label'] is not None:
-        kwargs['y'] = jnp.full((batch,), opts['class_label'], jnp.int32)
+        cond['label'] = jnp.full((batch,), opts['class_label'], jnp.int32)
       else:
-        kwargs['y'] = jax.random.randint(label_key, (batch,), 0, num_classes, jnp.int32)
+        cond['label'] = jax.random.randint(label_key, (batch,), 0, num_classes, jnp.int32)
     known = masks = None
     if inpainting is not None:
       image, mask = inpainting
       known = jnp.broadcast_to(jnp.asarray(image, jnp.float32) / 127.5 - 1.0, shape)
       masks = jnp.broadcast_to(jnp.asarray(mask), shape)
-    return plan.init(key, shape, model_kwargs=kwargs, known=known, mask=masks)
+    return plan.init(key, shape, cond=cond, known=known, mask=masks)
 
   base_key = opts['key'] if opts.get('key') is not None else jax.random.key(opts['seed'])
   abstract = jax.eval_shape(init, base_key, base_key)
@@ -446,7 +447,7 @@ def _sample(config, params, opts, *, step, inpainting, inpaint_resample, inpaint
     key = jax.random.fold_in(base_key, b)
     state = init_jit(key, jax.random.fold_in(key, 1))
     if num_classes:
-      labels.append(parallel.fetch(state.model_kwargs['y']))
+      labels.append(parallel.fetch(state.cond['label']))
     for start in plan.chunk_starts:
       state, _ = run_chunk(plan, model_fn, state, start)
       if bar is not None:

@@ -36,7 +36,7 @@ is chunked, and with a fixed key they are bitwise reproducible. On a sharded
 batch the values do not depend on the number of devices (threefry is
 partitionable).
 
-`model_fn(x, t, **model_kwargs) -> [B, H, W, C]` (or [B, H, W, 2C] for the
+`model_fn(x, t, cond) -> [B, H, W, C]` (or [B, H, W, 2C] for the
 learned variances). Pass it as a `jax.tree_util.Partial` over the parameters
 (e.g. `Partial(apply, params)`) so that under jit the parameters are arguments,
 not constants baked into the program; plain functions work too.
@@ -44,6 +44,7 @@ not constants baked into the program; plain functions work too.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Callable
@@ -54,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
+from jaxddpm import conditioning
 from jaxddpm import diffusion
 from jaxddpm import schedules as schedules_lib
 
@@ -71,13 +73,14 @@ class SamplerState:
 
   x: [B, H, W, C] float32, the current sample (x_T at the start, x_0 at the end).
   key: PRNG key; operation k uses fold_in(key, k).
-  model_kwargs: dict of arrays with leading dim B passed to the model (e.g. {'y': [B] labels}).
+  cond: the conditioning pytree passed to the model, arrays with leading dim B (e.g.
+    {'label': [B]}; {} when unconditional).
   known: [B, H, W, C] float32 in [-1, 1], inpainting reference, or None.
   mask: [B, H, W, C] float32, 1 where `known` is kept, or None.
   """
   x: jax.Array
   key: jax.Array
-  model_kwargs: dict[str, jax.Array]
+  cond: dict[str, jax.Array]
   known: jax.Array | None = None
   mask: jax.Array | None = None
 
@@ -116,7 +119,7 @@ class Sampler:
     """The `start` arguments of `run_chunk`, in order."""
     return range(0, self.times.shape[0], self.chunk_length)
 
-  def init(self, key, shape=None, *, x_T=None, model_kwargs=None, known=None,
+  def init(self, key, shape=None, *, x_T=None, cond=None, known=None,
            mask=None) -> SamplerState:
     """The state before the first operation.
 
@@ -124,7 +127,7 @@ class Sampler:
       key: PRNG key; x_T ~ N(0, I) is drawn from it unless given.
       shape: (B, H, W, C) of the samples, when x_T is not given.
       x_T: [B, H, W, C] the starting noise (e.g. to test that DDIM(eta=0) is deterministic).
-      model_kwargs: dict of [B, ...] arrays passed to the model at every step.
+      cond: the conditioning pytree of [B, ...] arrays passed to the model at every step.
       known, mask: inpainting reference [B, H, W, C] in [-1, 1] and mask broadcastable to it
         (1 = keep). The known region of x_T is replaced by a draw of q(x_T | known).
     """
@@ -142,7 +145,7 @@ class Sampler:
       first = self.times[0]
       noisy = _q_sample_at(self.schedule, known, first, jax.random.fold_in(init_key, 1))
       x = mask * noisy + (1.0 - mask) * x
-    return SamplerState(x=x, key=key, model_kwargs=dict(model_kwargs or {}),
+    return SamplerState(x=x, key=key, cond=dict(cond or {}),
                         known=known, mask=mask)
 
 
@@ -281,7 +284,7 @@ def _denoise(sampler: Sampler, model_fn, state: SamplerState, t, key):
   out = diffusion.p_mean_variance(
       model_fn, schedule, x, tb, model_mean_type=sampler.model_mean_type,
       model_var_type=sampler.model_var_type, clip_denoised=sampler.clip_denoised,
-      model_kwargs=state.model_kwargs)
+      cond=state.cond)
   noise = jax.random.normal(noise_key, x.shape, x.dtype)
   not_last = (t > 0).astype(x.dtype)  # no noise when producing x_0
   if sampler.kind == 'ddpm':
@@ -321,7 +324,7 @@ def run_chunk(sampler: Sampler, model_fn: Callable[..., jax.Array], state: Sampl
 
   Args:
     sampler: from `make_sampler`.
-    model_fn: model_fn(x, t, **state.model_kwargs) -> model output (see module docstring).
+    model_fn: model_fn(x, t, state.cond) -> model output (see module docstring).
     state: from `Sampler.init` or the previous chunk.
     start: int32 scalar, may be traced (one of `sampler.chunk_starts`).
 
@@ -366,7 +369,7 @@ def _run_chunk_jit(compiler_options: tuple[tuple[str, Any], ...]):
   return jax.jit(run_chunk, compiler_options=dict(compiler_options) or None)
 
 
-def sample(model_fn, sampler: Sampler, key, shape=None, *, x_T=None, model_kwargs=None,
+def sample(model_fn, sampler: Sampler, key, shape=None, *, x_T=None, cond=None,
            known=None, mask=None, return_intermediates: bool = False,
            compiler_options: dict[str, Any] | None = None):
   """Runs the whole plan (jit-compiled once per sampler structure and shape).
@@ -374,7 +377,7 @@ def sample(model_fn, sampler: Sampler, key, shape=None, *, x_T=None, model_kwarg
   Args:
     model_fn: see module docstring; a `Partial` keeps parameters out of the compiled program.
     sampler: from `make_sampler`.
-    key, shape, x_T, model_kwargs, known, mask: as in `Sampler.init`.
+    key, shape, x_T, cond, known, mask: as in `Sampler.init`.
     return_intermediates: also return x after every `sampler.intermediate_every`-th operation.
     compiler_options: XLA options of the compiled chunk (the shell passes its CPU tuning,
       `jaxddpm.runtime.step_compiler_options()`).
@@ -384,7 +387,7 @@ def sample(model_fn, sampler: Sampler, key, shape=None, *, x_T=None, model_kwarg
     [num_ops // intermediate_every, B, H, W, C].
   """
   model_fn = _as_pytree(model_fn)
-  state = sampler.init(key, shape, x_T=x_T, model_kwargs=model_kwargs, known=known, mask=mask)
+  state = sampler.init(key, shape, x_T=x_T, cond=cond, known=known, mask=mask)
   chunks = []
   for start in sampler.chunk_starts:
     state, xs = _run_chunk_jit(tuple(sorted((compiler_options or {}).items())))(
@@ -398,32 +401,44 @@ def sample(model_fn, sampler: Sampler, key, shape=None, *, x_T=None, model_kwarg
   return state.x, xs[:sampler.num_ops // sampler.intermediate_every]
 
 
-def _guided(model_fn, guidance_scale, null_label, x, t, *, y, **kwargs):
-  batch = x.shape[0]
-  out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                 y=jnp.concatenate([y, jnp.full_like(y, null_label)]), **kwargs)
-  cond, uncond = out[:batch], out[batch:]
-  c = x.shape[-1]
-  guided = (1.0 + guidance_scale) * cond[..., :c] - guidance_scale * uncond[..., :c]
-  # A learned variance (channels c:) is taken from the conditional prediction, as in GLIDE.
-  return jnp.concatenate([guided, cond[..., c:]], axis=-1)
+@dataclasses.dataclass(frozen=True)
+class _Guided:
+  """The guided model function; the spec is static (hashable), model_fn and w are leaves."""
+  spec: tuple[tuple[str, Any], ...]
+
+  def __call__(self, model_fn, guidance_scale, x, t, cond=None):
+    cond = {} if cond is None else cond
+    batch = x.shape[0]
+    both = conditioning.concat(cond, conditioning.null(cond, dict(self.spec)))
+    out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
+    cond_out, uncond_out = out[:batch], out[batch:]
+    c = x.shape[-1]
+    guided = (1.0 + guidance_scale) * cond_out[..., :c] - guidance_scale * uncond_out[..., :c]
+    # A learned variance (channels c:) is taken from the conditional prediction, as in GLIDE.
+    return jnp.concatenate([guided, cond_out[..., c:]], axis=-1)
 
 
-def classifier_free_guidance(model_fn, guidance_scale, null_label: int) -> Partial:
+def classifier_free_guidance(model_fn, guidance_scale, cond_spec: conditioning.Spec) -> Partial:
   """Classifier-free guidance as a model function (Ho & Salimans 2022, eq. 6).
 
-  eps~(x_t, y) = (1 + w) eps(x_t, y) - w eps(x_t, null), with w = guidance_scale and the null
-  class `null_label` (= num_classes for the U-Net). Both predictions come from one model call
-  on the doubled batch. The combination is affine with weights summing to 1, so it is applied
-  to the first C output channels whatever the model predicts (eps, x_0 or v); extra channels
-  (learned variance) come from the conditional prediction.
+  eps~(x_t, c) = (1 + w) eps(x_t, c) - w eps(x_t, null(c)), with w = guidance_scale and
+  null(c) = `conditioning.null(c, cond_spec)`: the guided keys (labels, text) at their null
+  value, the others (a super-resolution input) kept. Both predictions come from one model
+  call on the doubled batch. The combination is affine with weights summing to 1, so it is
+  applied to the first C output channels whatever the model predicts (eps, x_0 or v); extra
+  channels (learned variance) come from the conditional prediction.
+
+  Args:
+    model_fn: model_fn(x, t, cond).
+    guidance_scale: w >= 0 (0 is the conditional model).
+    cond_spec: the model's conditioning spec (e.g. `UNetConfig.cond_spec()`).
 
   Returns:
-    model_fn(x, t, y=labels [B], **kwargs) -> [B, H, W, C or 2C], a `Partial` (a pytree: under
-    jit the wrapped parameters and w are arguments, so a new w does not recompile).
+    model_fn(x, t, cond) -> [B, H, W, C or 2C], a `Partial` (a pytree: under jit the wrapped
+    parameters and w are arguments, so a new w does not recompile).
   """
-  return Partial(_guided, _as_pytree(model_fn), jnp.asarray(guidance_scale, jnp.float32),
-                 jnp.asarray(null_label, jnp.int32))
+  return Partial(_Guided(tuple(sorted(cond_spec.items()))), _as_pytree(model_fn),
+                 jnp.asarray(guidance_scale, jnp.float32))
 
 
 def masked_psnr(x, reference, mask, *, data_range: float = 2.0) -> jax.Array:

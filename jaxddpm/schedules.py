@@ -238,14 +238,6 @@ def make_schedule(name: str, num_timesteps: int, *, beta_start: float = 1e-4,
       get_betas(name, num_timesteps, beta_start=beta_start, beta_end=beta_end, **kw))
 
 
-def schedule_from_config(config) -> Schedule:
-  """The `Schedule` of a `config.diffusion` ConfigDict (num_timesteps, beta_schedule,
-  beta_start, beta_end, and optionally cosine_s, max_beta)."""
-  kw = {k: config[k] for k in ('cosine_s', 'max_beta') if k in config}
-  return make_schedule(config.beta_schedule, config.num_timesteps,
-                       beta_start=config.beta_start, beta_end=config.beta_end, **kw)
-
-
 def _check_count(name, value, low, high):
   if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
       or not low <= value <= high):

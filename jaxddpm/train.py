@@ -46,7 +46,6 @@ import optax
 from jaxddpm import checkpoint
 from jaxddpm import config_utils
 from jaxddpm import data as data_lib
-from jaxddpm import diffusion
 from jaxddpm import evaluation
 from jaxddpm import images as images_lib
 from jaxddpm import models
@@ -59,6 +58,7 @@ from jaxddpm import timesteps
 from jaxddpm import train_io
 from jaxddpm import train_state
 from jaxddpm import workdir as workdir_lib
+from jaxddpm import factories
 
 PyTree = Any
 
@@ -87,28 +87,22 @@ class SaveError(TrainError):
 def make_objective(config, model, schedule: schedules.Schedule):
   """config.diffusion's denoising objective for `model`: (loss_fn, timestep_sampler).
 
-  The U-Net takes the class labels of `cond['label']` as `y`; with train=True
-  it replaces each by the null class with probability config.model.class_dropout
-  (classifier-free guidance), drawing from the step's dropout key.
+  Conditioning dropout (e.g. labels to the null class with probability
+  config.model.class_dropout, for classifier-free guidance) follows the model's
+  `cond_spec()`.
   """
   def apply_fn(params, x_t, t, cond, key):
-    return model.apply({'params': params}, x_t, t, cond.get('label'), train=True,
-                       rngs={'dropout': key})
+    return models.make_model_fn(model, params, train=True, dropout_rng=key)(x_t, t, cond)
 
   d = config.diffusion
   num_timesteps = schedule.num_timesteps
   sampler = (timesteps.loss_aware_timesteps(num_timesteps) if d.timestep_sampler == 'loss_aware'
              else timesteps.uniform_timesteps(num_timesteps))
   loss_fn = objectives.denoising_objective(
-      apply_fn, schedule, **diffusion.types_from_config(d),
+      apply_fn, schedule, **factories.diffusion_types(config),
       weighting=d.get('weighting', 'uniform'), min_snr_gamma=float(d.get('min_snr_gamma', 5.0)),
-      timestep_sampler=sampler)
+      timestep_sampler=sampler, cond_spec=model.config.cond_spec())
   return loss_fn, sampler
-
-
-def as_objective_batch(batch: dict[str, jax.Array]) -> dict[str, Any]:
-  """A data pipeline batch {'image', 'label'?} -> the objectives' {'x', 'cond'}."""
-  return {'x': batch['image'], 'cond': {'label': batch['label']} if 'label' in batch else {}}
 
 
 def make_train_step(config, model, schedule: schedules.Schedule) -> Callable:
@@ -130,8 +124,9 @@ def make_generic_train_step(loss_fn, optim_config, *,
 
   Args of the returned function:
     state: train_state.TrainState.
-    batches: {'image': float32 [k, B, H, W, C] in [-1, 1], 'label': int32 [k, B]
-      (class-conditional models only)}: the batches of k consecutive steps.
+    batches: {'x': float32 [k, B, ...] in [-1, 1], 'cond': {key: [k, B, ...]}} (the
+      conditioning pytree, e.g. {'label': int32 [k, B]}; {} when unconditional): the
+      batches of k consecutive steps.
 
   Returns:
     The state after k steps, and metrics: dict of float32 [k] (the objective's scalar metrics,
@@ -145,7 +140,7 @@ def make_generic_train_step(loss_fn, optim_config, *,
   def one_step(state: train_state.TrainState, batch):
     key = jax.random.fold_in(state.rng, state.step)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, as_objective_batch(batch), key, state.timestep_state)
+        state.params, batch, key, state.timestep_state)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = optax.incremental_update(params, state.ema_params, step_size=1.0 - ema_decay)
@@ -395,8 +390,8 @@ def _train_locked(config, workdir: str, pipeline) -> dict[str, Any]:
   main = parallel.is_main_process()
   mesh = parallel.make_mesh()
   replicated = parallel.replicated(mesh)
-  model = models.create_model(config)
-  schedule = schedules.schedule_from_config(config.diffusion)
+  model = factories.create_model(config)
+  schedule = factories.schedule(config)
   # Initialisation runs once: compiling it with less LLVM optimisation saves
   # more time than its execution loses.
   init_fn = jax.jit(lambda key: train_state.create_train_state(config, model, key),

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxddpm import models
 from jaxddpm import timesteps
 
 PyTree = Any
@@ -66,11 +67,7 @@ def make_optimizer(optim_config) -> optax.GradientTransformation:
 def create_train_state(config, model, key: jax.Array) -> TrainState:
   """A fresh state: params from `models.init_params`, EMA = params, step 0. Pure; jit it."""
   init_key, rng = jax.random.split(key)
-  image_size, channels = int(config.data.image_size), int(config.data.channels)
-  x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
-  t = jnp.zeros((1,), jnp.int32)
-  y = jnp.zeros((1,), jnp.int32) if int(config.model.num_classes) > 0 else None
-  params = model.init(init_key, x, t, y)['params']
+  params = models.init_params(model, init_key)
   tx = make_optimizer(config.optim)
   timestep_state = None
   if config.diffusion.timestep_sampler == 'loss_aware':

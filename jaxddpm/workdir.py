@@ -102,7 +102,12 @@ def write_config(workdir: str, config) -> bool:
   return True
 
 
+# Keys added to the config after runs were saved without them, with the value those runs had.
+_ADDED_KEYS = {'model': {'name': 'unet'}}
+
+
 def _comparable(section_name: str, section: dict) -> dict:
+  section = {**_ADDED_KEYS.get(section_name, {}), **section}
   if section_name == 'data':
     return {k: v for k, v in section.items() if k not in _RELOCATABLE_DATA_FIELDS}
   return section

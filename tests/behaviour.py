@@ -17,6 +17,7 @@ from jaxddpm import samplers
 from jaxddpm import schedules
 from jaxddpm import train
 from jaxddpm import train_state
+from jaxddpm import factories
 
 NUM_STEPS = 20
 NUM_SAMPLES = 16
@@ -25,8 +26,8 @@ NUM_SAMPLES = 16
 def compute() -> dict[str, np.ndarray]:
   config = tiny.get_config()
   device = jax.devices()[0]
-  model = models.create_model(config)
-  schedule = schedules.schedule_from_config(config.diffusion)
+  model = factories.create_model(config)
+  schedule = factories.schedule(config)
   with jax.default_device(device):
     state = jax.jit(lambda key: train_state.create_train_state(config, model, key))(
         jax.random.PRNGKey(int(config.seed)))
@@ -37,7 +38,7 @@ def compute() -> dict[str, np.ndarray]:
       state, metrics = step(state, data.stack_batches([pipeline.batch(k)]))
       losses.append(np.asarray(metrics['loss'])[0])
     out = {'losses': np.asarray(losses, np.float32)}
-    types = diffusion.types_from_config(config.diffusion)
+    types = factories.diffusion_types(config)
     shape = (NUM_SAMPLES, config.data.image_size, config.data.image_size, config.data.channels)
     key = jax.random.key(1234)
     # A Schedule rebuilt by tree.map loses its float64 alpha_bar, so `respace` takes the

@@ -9,6 +9,7 @@ import pytest
 # Must happen before JAX initialises its backend.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 import jax  # noqa: E402
+from jaxddpm import factories
 
 NUM_FAKE_DEVICES = 4
 jax.config.update('jax_num_cpu_devices', NUM_FAKE_DEVICES)
@@ -28,10 +29,9 @@ def _write_sample_workdir(path, config, *, scale=0.1, step=0):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jaxddpm import checkpoint  # pylint: disable=g-import-not-at-top
   from jaxddpm import models  # pylint: disable=g-import-not-at-top
-  model = models.create_model(config)
-  size, channels = config.data.image_size, config.data.channels
+  model = factories.create_model(config)
   shapes = jax.eval_shape(
-      lambda: models.init_params(model, jax.random.key(0), size, channels))
+      lambda: models.init_params(model, jax.random.key(0)))
   rng = np.random.default_rng(1)
   ema = jax.tree.map(lambda a: (scale * rng.standard_normal(a.shape)).astype(a.dtype), shapes)
   checkpoint.save_params(str(path), jax.tree.map(np.zeros_like, ema), step=step,

@@ -16,6 +16,7 @@ from configs import tiny
 from jaxddpm import config_utils
 from jaxddpm import runtime
 from jaxddpm import schedules
+from jaxddpm import factories
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,7 +83,7 @@ def test_accepted_schedules_keep_alpha_bar_positive(schedule, num_timesteps):
   config.diffusion.beta_schedule = schedule
   config.diffusion.num_timesteps = num_timesteps
   config_utils.validate_config(config)
-  s = schedules.schedule_from_config(config.diffusion)
+  s = factories.schedule(config)
   assert float(s.alphas_cumprod[-1]) > 0
   assert np.isfinite(np.asarray(s.sqrt_recip_alphas_cumprod)).all()
 

@@ -9,7 +9,7 @@ import pytest
 
 from jaxddpm import config_utils
 from jaxddpm import diffusion
-from jaxddpm import schedules
+from jaxddpm import factories
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs'
 CONFIG_NAMES = sorted(p.stem for p in CONFIG_DIR.glob('*.py') if p.stem != '__init__')
@@ -30,9 +30,9 @@ def test_every_config_loads_and_validates(name):
   for group in ('data', 'model', 'diffusion', 'optim', 'training', 'sampling'):
     assert group in config, group
   config_utils.validate_config(config)
-  schedule = schedules.schedule_from_config(config.diffusion)
+  schedule = factories.schedule(config)
   assert schedule.num_timesteps == config.diffusion.num_timesteps
-  diffusion.types_from_config(config.diffusion)
+  factories.diffusion_types(config)
   # workdir/config.json round trip: tuples come back as lists and still validate.
   restored = ml_collections.ConfigDict(json.loads(config.to_json_best_effort()))
   config_utils.validate_config(restored)
@@ -52,7 +52,7 @@ def test_cifar_is_the_ddpm_paper_run():
   o = config.optim
   assert (o.lr, o.warmup_steps, o.grad_clip, o.ema_decay) == (2e-4, 5000, 1.0, 0.9999)
   assert (config.training.batch_size, config.training.num_train_steps) == (128, 800_000)
-  assert float(schedules.schedule_from_config(d).alphas_cumprod[-1]) == pytest.approx(
+  assert float(factories.schedule(config).alphas_cumprod[-1]) == pytest.approx(
       4.04e-5, rel=2e-3)
 
 

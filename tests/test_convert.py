@@ -17,7 +17,7 @@ import pytest
 import jaxddpm
 from jaxddpm import convert
 from jaxddpm import models
-from jaxddpm import schedules
+from jaxddpm import factories
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
 DDPM = os.path.join(FIXTURES, 'diffusers_ddpm')
@@ -31,7 +31,7 @@ def _io(src):
 
 
 def _run(model_fn, io):
-  return np.asarray(model_fn(io['x'], io['t'], io.get('y')))
+  return np.asarray(model_fn(io['x'], io['t'], {'label': io['y']} if 'y' in io else {}))
 
 
 def _assert_matches_pytorch(out, io):
@@ -45,10 +45,10 @@ def _assert_matches_pytorch(out, io):
 def test_outputs_match_diffusers(src):
   config, params = convert.convert_diffusers(src)
   io = _io(src)
-  model = models.create_model(config)
+  model = factories.create_model(config)
   _assert_matches_pytorch(_run(models.make_model_fn(model, params), io), io)
   # The scheduler maps to the same betas (linear; squaredcos_cap_v2 = improved DDPM's cosine).
-  betas = schedules.schedule_from_config(config.diffusion).betas
+  betas = factories.schedule(config).betas
   np.testing.assert_allclose(np.asarray(betas), io['betas'], rtol=1e-6, atol=1e-9)
 
 
@@ -69,7 +69,7 @@ def test_config_mapping():
   assert (config.diffusion.beta_schedule, config.diffusion.num_timesteps) == ('cosine', 500)
   assert (config.diffusion.model_mean_type, config.diffusion.model_var_type) == ('v', 'learned_range')
   assert not config.sampling.clip_denoised
-  assert models.unet_config_from(config).out_channels == 2
+  assert factories.model_config(config).out_channels == 2
   # diffusers' 10 class rows plus our zero null-class row.
   emb = params['class_embed']['embedding']
   assert emb.shape == (11, 32) and not emb[10].any()

@@ -47,13 +47,13 @@ def test_order_is_pure_function_of_seed_and_step():
   src = data.digits_source('train', 8, 1)
   a, b = _pipeline(src), _pipeline(src)
   for step in (0, 7, 23, 500):  # 500 * 64 examples: epoch 21
-    np.testing.assert_array_equal(a.batch(step)['image'], b.batch(step)['image'])
+    np.testing.assert_array_equal(a.batch(step)['x'], b.batch(step)['x'])
   other_seed = _pipeline(src, seed=1)
   assert not np.array_equal(a.global_indices(3), other_seed.global_indices(3))
   # The prefetching iterator, started mid-run, yields exactly batch(step).
   it = a.iterate(11)
   for step in range(11, 20):
-    np.testing.assert_array_equal(next(it)['image'], b.batch(step)['image'])
+    np.testing.assert_array_equal(next(it)['x'], b.batch(step)['x'])
 
 
 def test_every_epoch_visits_every_example_once():
@@ -71,16 +71,16 @@ def test_processes_read_their_slice_of_the_global_batch():
   whole = _pipeline(src, with_labels=True, random_flip=True).batch(9)
   parts = [_pipeline(src, with_labels=True, random_flip=True, process_index=p,
                      process_count=4).batch(9) for p in range(4)]
-  for key in ('image', 'label'):
-    np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
+  for get in (lambda b: b['x'], lambda b: b['cond']['label']):
+    np.testing.assert_array_equal(np.concatenate([get(p) for p in parts]), get(whole))
   with pytest.raises(data.DatasetError, match='divisible'):
     _pipeline(src, global_batch_size=6, process_count=4)
 
 
 def test_random_flip_mirrors_about_half():
   src = data.digits_source('train', 8, 1)
-  plain = _pipeline(src).batch(4)['image']
-  flipped = _pipeline(src, random_flip=True).batch(4)['image']
+  plain = _pipeline(src).batch(4)['x']
+  flipped = _pipeline(src, random_flip=True).batch(4)['x']
   mirrored = np.array([not np.array_equal(a, b) and np.array_equal(a[:, ::-1], b)
                        for a, b in zip(plain, flipped)])
   same = np.array([np.array_equal(a, b) for a, b in zip(plain, flipped)])
@@ -92,8 +92,8 @@ def test_labels_follow_images(digits_images):
   src = data.digits_source('train', 8, 1)
   p = _pipeline(src, with_labels=True)
   idx = p.global_indices(2)
-  np.testing.assert_array_equal(p.batch(2)['label'], digits_images.target[idx])
-  assert 'label' not in _pipeline(src).batch(2)
+  np.testing.assert_array_equal(p.batch(2)['cond']['label'], digits_images.target[idx])
+  assert _pipeline(src).batch(2)['cond'] == {}
 
 
 def _write_png(path, array):
@@ -159,7 +159,9 @@ def test_empty_folder(tmp_path):
 
 def test_eval_batches_in_order(digits_images):
   config = tiny.get_config()
+  assert next(data.eval_batches(config, batch_size=100, num_examples=250))['cond'] == {}
+  config.model.num_classes = 10
   batches = list(data.eval_batches(config, batch_size=100, num_examples=250))
-  assert [len(b['image']) for b in batches] == [100, 100, 50]
-  np.testing.assert_array_equal(np.concatenate([b['label'] for b in batches]),
+  assert [len(b['x']) for b in batches] == [100, 100, 50]
+  np.testing.assert_array_equal(np.concatenate([b['cond']['label'] for b in batches]),
                                 digits_images.target[1500:1750])

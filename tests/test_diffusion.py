@@ -122,7 +122,7 @@ def test_parameterisation_conversions(schedule, ref):
 
 def oracle_model(schedule, x0, eps, mean_type, var_values=None):
   """A model that returns the true eps / x0 / v for the x_t built from (x0, eps)."""
-  def model_fn(xt, t):
+  def model_fn(xt, t, cond=None):
     del xt
     out = {'eps': eps, 'x0': x0, 'v': diffusion.predict_v(schedule, x0, t, eps)}[mean_type]
     out = jnp.asarray(out, jnp.float32)
@@ -184,7 +184,7 @@ def test_p_mean_variance_clips_and_denoised_fn(schedule):
   x0, eps = data(13)
   t = times(14)
   xt = diffusion.q_sample(schedule, x0, t, eps)
-  model_fn = lambda x, t: jnp.full(x.shape, 3.0)  # x0-prediction far outside [-1, 1]
+  model_fn = lambda x, t, cond=None: jnp.full(x.shape, 3.0)  # x0-prediction far outside [-1, 1]
   out = diffusion.p_mean_variance(model_fn, schedule, xt, t, model_mean_type='x0',
                                   model_var_type='fixedlarge')
   close(out['pred_xstart'], np.ones(SHAPE), atol=0)
@@ -200,16 +200,16 @@ def test_model_sees_timestep_map_of_respaced_schedule(schedule):
   spaced = schedules.respace(schedule, schedules.space_timesteps(T, 10))
   seen = []
 
-  def model_fn(x, t, y=None):
-    seen.append((np.asarray(t), y))
+  def model_fn(x, t, cond):
+    seen.append((np.asarray(t), cond))
     return jnp.zeros_like(x)
 
   x0, _ = data(15)
   t = np.array([0, 3, 5, 9], np.int32)
   diffusion.p_mean_variance(model_fn, spaced, x0, t, model_mean_type='eps',
-                            model_var_type='fixedlarge', model_kwargs={'y': 7})
+                            model_var_type='fixedlarge', cond={'label': 7})
   np.testing.assert_array_equal(seen[0][0], [0, 333, 555, 999])
-  assert seen[0][1] == 7
+  assert seen[0][1] == {'label': 7}
 
 
 # --- Likelihood pieces ---------------------------------------------------------------------------
@@ -261,7 +261,7 @@ def test_prior_bpd(schedule, ref):
 
 def linear_model(mean_scale, var_value, learned):
   """model_fn whose prediction is mean_scale * x and variance output var_value."""
-  def model_fn(x, t):
+  def model_fn(x, t, cond=None):
     del t
     pred = mean_scale * x
     if learned:
@@ -390,7 +390,7 @@ def test_bpd_loop_traces_once(schedule):
   @jax.jit
   @chex.assert_max_traces(n=1)
   def bpd(scale, x0, key):
-    return likelihood.calc_bpd_loop(lambda x, t: scale * x, small, x0, key,
+    return likelihood.calc_bpd_loop(lambda x, t, cond=None: scale * x, small, x0, key,
                                    model_mean_type='eps', model_var_type='fixedlarge')
 
   for seed in (24, 25):
@@ -459,7 +459,7 @@ def test_gaussian_data_vlb(schedule):
   continuous = 0.5 * np.log2(2 * np.pi * np.e * STD ** 2) + np.log2(127.5)
   assert continuous == pytest.approx(8.041, abs=1e-3)
 
-  def model_fn(x, t):
+  def model_fn(x, t, cond=None):
     abar = diffusion.extract(schedule.alphas_cumprod, t, x.ndim)
     return jnp.sqrt(1 - abar) * x / (abar * STD ** 2 + 1 - abar)
 
@@ -549,16 +549,17 @@ def test_loss_aware_sampler_matches_reference():
 
 
 def test_types_from_config():
-  config = ml_collections.ConfigDict(dict(model_mean_type='v', model_var_type='learned_range',
-                                          loss_type='hybrid'))
-  assert diffusion.types_from_config(config) == dict(
+  from jaxddpm import factories  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({'diffusion': dict(
+      model_mean_type='v', model_var_type='learned_range', loss_type='hybrid')})
+  assert factories.diffusion_types(config) == dict(
       model_mean_type='v', model_var_type='learned_range', loss_type='hybrid')
   for field, bad in (('model_mean_type', 'epsilon'), ('model_var_type', 'fixed'),
                      ('loss_type', 'l1')):
     broken = ml_collections.ConfigDict(config.to_dict())
-    broken[field] = bad
+    broken.diffusion[field] = bad
     with pytest.raises(ValueError, match=f"{field} '{bad}'"):
-      diffusion.types_from_config(broken)
+      factories.diffusion_types(broken)
 
 
 def test_bad_types_and_shapes_raise(schedule):

@@ -22,6 +22,8 @@ from jaxddpm.diffusion import likelihood
 from jaxddpm import parallel
 from jaxddpm import schedules
 from jaxddpm.models import inception
+from jaxddpm import factories
+from jaxddpm import models
 
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'inception_fixture.npz')
 
@@ -275,12 +277,12 @@ def test_digits_classifier(digits_cnn_cache):
 # --- Bits/dim ------------------------------------------------------------------------------
 
 
-def _toy_model_fn(x, t, y=None):
+def _toy_model_fn(x, t, cond):
   """An analytic eps-predictor (depends on x, t and the label) standing in for a network."""
   scale = 0.1 + 0.01 * t.astype(jnp.float32)[:, None, None, None]
   out = scale * x
-  if y is not None:
-    out = out + 0.05 * y.astype(jnp.float32)[:, None, None, None]
+  if 'label' in cond:
+    out = out + 0.05 * cond['label'].astype(jnp.float32)[:, None, None, None]
   return out
 
 
@@ -294,7 +296,8 @@ def test_bits_per_dim_sharded_equals_direct(with_labels):
   types = dict(model_mean_type='eps', model_var_type='fixedlarge')
   mesh = parallel.make_mesh()
   assert mesh.size == 4
-  got = evaluation.bits_per_dim(_toy_model_fn, schedule, images, key, labels=labels,
+  got = evaluation.bits_per_dim(_toy_model_fn, schedule, images, key,
+                                cond=None if labels is None else {'label': labels},
                                 batch_size=4, mesh=mesh, **types)
 
   # Direct: the 8-bit images in two batches of 4 (the second padded by repeating its last
@@ -302,9 +305,9 @@ def test_bits_per_dim_sharded_equals_direct(with_labels):
   q = np.round((images + 1) * 127.5) / 127.5 - 1
   direct = []
   for i, idx in enumerate([[0, 1, 2, 3], [4, 5, 5, 5]]):
-    kwargs = {'y': jnp.asarray(labels[idx])} if with_labels else None
+    cond = {'label': jnp.asarray(labels[idx])} if with_labels else None
     out = likelihood.calc_bpd_loop(_toy_model_fn, schedule, jnp.asarray(q[idx]),
-                                  jax.random.fold_in(key, i), model_kwargs=kwargs, **types)
+                                  jax.random.fold_in(key, i), cond=cond, **types)
     direct.append({k: np.asarray(v)[:len(set(idx))] for k, v in out.items()})
   ref = {k: np.concatenate([d[k] for d in direct]) for k in direct[0]}
   np.testing.assert_allclose(got['bpd'], ref['total_bpd'].mean(), rtol=1e-5)
@@ -331,15 +334,13 @@ def _tiny_run(workdir, digits_cnn_cache):
   """A run directory (config.json + untrained params) of the tiny digits config."""
   from configs import tiny  # pylint: disable=g-import-not-at-top
   from jaxddpm import checkpoint  # pylint: disable=g-import-not-at-top
-  from jaxddpm import models  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   config.eval.bpd_num_examples = 6
   os.makedirs(workdir / 'eval')
   with open(workdir / 'config.json', 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
   # Small random parameters of the right shapes (cheaper than compiling the initialiser).
-  abstract = jax.eval_shape(models.init_params, models.create_model(config), jax.random.key(0),
-                            8, 1)
+  abstract = jax.eval_shape(models.init_params, factories.create_model(config), jax.random.key(0))
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda a: np.float32(0.05 * rng.standard_normal(a.shape)), abstract)
   checkpoint.save_params(str(workdir), params)
@@ -352,18 +353,17 @@ def test_training_hook_and_run_metrics(tmp_path, digits_cnn_cache):
   --metrics) give held-out bits/dim with its per-timestep terms and the digits metrics,
   caching the classifier and reference statistics in workdir/eval."""
   from jaxddpm import checkpoint  # pylint: disable=g-import-not-at-top
-  from jaxddpm import models  # pylint: disable=g-import-not-at-top
   from jaxddpm import train  # pylint: disable=g-import-not-at-top
   config = _tiny_run(tmp_path, digits_cnn_cache)
   config.eval.num_samples = 20
   config.sampling.num_steps = 4
   config.sampling.batch_size = 8
-  model = models.create_model(config)
+  model = factories.create_model(config)
   mesh = parallel.make_mesh()
   params = checkpoint.load_params(str(tmp_path))  # replicated as in training
   state = types.SimpleNamespace(step=jnp.int32(0),
                                 ema_params=jax.device_put(params, parallel.replicated(mesh)))
-  schedule = schedules.schedule_from_config(config.diffusion)
+  schedule = factories.schedule(config)
   r = train.evaluate(config, model, schedule, state, mesh, str(tmp_path))
   np.testing.assert_allclose(r['bpd'], r['prior_bpd'] + r['decoder_bpd'] + r['terms_bpd'],
                              rtol=1e-5)

@@ -24,7 +24,7 @@ from jaxddpm import data, evaluation, sample, train  # noqa: F401
 config = digits.get_config()
 pipeline = data.create_train_pipeline(config)
 batch = pipeline.batch(0)
-print('digits', len(pipeline.source), batch['image'].shape)
+print('digits', len(pipeline.source), batch['x'].shape)
 config.data.dataset = 'cifar10'
 try:
   data.create_train_pipeline(config)

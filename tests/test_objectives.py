@@ -11,12 +11,15 @@ import optax
 import pytest
 
 from configs import tiny
+import toy_model
+from jaxddpm import conditioning
 from jaxddpm import diffusion
 from jaxddpm import objectives
 from jaxddpm import schedules
 from jaxddpm import timesteps
 from jaxddpm import train
 from jaxddpm import train_state
+from jaxddpm import factories
 
 T = 100
 GAMMA = 5.0
@@ -201,7 +204,7 @@ def test_weighting_scales_only_the_mse_term_of_hybrid():
         apply_fn, schedule, weighting=w, timestep_sampler=_fixed_timesteps(T_INDEX), **types)(
             0.3, {'x': x, 'cond': {}}, key)[1] for w in ('uniform', 'min_snr')}
     noise = jax.random.normal(jax.random.split(key, 3)[1], x.shape)
-    terms = objectives.training_losses(lambda x_t, t: apply_fn(0.3, x_t, t, {}, None), schedule,
+    terms = objectives.training_losses(lambda x_t, t, c: apply_fn(0.3, x_t, t, c, None), schedule,
                                       x, t, noise, **types)
     return metrics, terms
 
@@ -301,18 +304,6 @@ def test_loss_aware_sampler_weights_and_update():
 # Bitwise agreement with today's train step.
 
 
-class _ToyModel(nn.Module):
-  """eps_theta(x, t) = a * x + b(t) (2C outputs for the learned variances), as in test_train."""
-  out_channels: int = 1
-
-  @nn.compact
-  def __call__(self, x, t, y=None, *, train=False):
-    del y, train
-    a = self.param('a', nn.initializers.constant(0.5), (self.out_channels,))
-    b = nn.Embed(100, self.out_channels)(t)
-    return a * jnp.tile(x, (1, 1, 1, self.out_channels // x.shape[-1])) + b[:, None, None, :]
-
-
 def _generic_step(loss_fn, sampler, tx, ema_decay):
   """One optimizer step that knows nothing of the objective: the shape of the train step."""
 
@@ -341,19 +332,20 @@ def test_uniform_weighting_reproduces_the_train_step_bitwise(mean_type, var_type
   config = tiny.get_config()
   config.diffusion.update(model_mean_type=mean_type, model_var_type=var_type,
                           loss_type=loss_type, timestep_sampler=sampler)
-  model = _ToyModel(out_channels=diffusion.model_output_channels(1, var_type))
-  schedule = schedules.schedule_from_config(config.diffusion)
+  model = toy_model.ToyModel(toy_model.ToyConfig(
+      out_channels=diffusion.model_output_channels(1, var_type)))
+  schedule = factories.schedule(config)
   state = train_state.create_train_state(config, model, jax.random.PRNGKey(0))
   if sampler == 'loss_aware':
     state = state.replace(timestep_state=_warm_loss_aware_state())
   state = state.replace(step=jnp.asarray(3, jnp.int32))
   x = jax.random.uniform(jax.random.PRNGKey(1), (8, 4, 4, 1), minval=-1, maxval=1)
   want_state, want = jax.jit(train.make_train_step(config, model, schedule))(
-      state, {'image': x[None]})
+      state, {'x': x[None]})
 
   def apply_fn(params, x_t, t, cond, key):
     assert cond == {}
-    return model.apply({'params': params}, x_t, t, None, train=True, rngs={'dropout': key})
+    return model.apply({'params': params}, x_t, t, cond, train=True, rngs={'dropout': key})
 
   timestep_sampler = (timesteps.loss_aware_timesteps(T) if sampler == 'loss_aware'
                       else timesteps.uniform_timesteps(T))
@@ -370,3 +362,26 @@ def test_uniform_weighting_reproduces_the_train_step_bitwise(mean_type, var_type
     assert value.dtype == want[name].dtype
     assert value == want[name][0], (name, float(value), float(want[name][0]))
   jax.tree.map(np.testing.assert_array_equal, got_state, want_state)
+
+
+def test_conditioning_dropout_follows_the_spec():
+  """The objective nulls labels with the spec's rate from fold_in(key, 3) (classifier-free
+  guidance training); the network never sees the dropped labels."""
+  schedule = schedules.make_schedule('linear', T, beta_start=1e-4, beta_end=0.02)
+
+  def apply_fn(params, x_t, t, cond, key):
+    del t, key
+    return params * x_t + 0.1 * cond['label'].astype(jnp.float32)[:, None, None, None]
+
+  x = jax.random.uniform(jax.random.key(1), (6, 4, 4, 1), minval=-1, maxval=1)
+  labels = jnp.array([0, 1, 2, 0, 1, 2])
+  key = jax.random.key(7)
+  types = dict(model_mean_type='eps', model_var_type='fixedlarge', loss_type='mse')
+  spec = {'label': conditioning.Label(3, dropout=0.5)}
+  loss = objectives.denoising_objective(apply_fn, schedule, cond_spec=spec, **types)
+  plain = objectives.denoising_objective(apply_fn, schedule, **types)
+  got = loss(0.3, {'x': x, 'cond': {'label': labels}}, key)[0]
+  dropped = conditioning.drop({'label': labels}, spec, jax.random.fold_in(key, 3))
+  assert 0 < int(jnp.sum(dropped['label'] == 3)) < 6
+  assert got == plain(0.3, {'x': x, 'cond': dropped}, key)[0]
+  assert got != plain(0.3, {'x': x, 'cond': {'label': labels}}, key)[0]

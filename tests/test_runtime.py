@@ -13,6 +13,7 @@ import pytest
 from configs import tiny
 from jaxddpm import models
 from jaxddpm import runtime
+from jaxddpm import factories
 
 _FAULTS = textwrap.dedent('''
     import ctypes, resource, sys
@@ -53,10 +54,10 @@ def test_step_compiler_options_keep_the_values():
   if jax.default_backend() == 'cpu' and jax.__version__ == '0.10.2':
     assert options, 'jaxlib 0.10.2 knows xla_cpu_experimental_ynn_fusion_type'
   config = tiny.get_config()
-  model = models.create_model(config)
+  model = factories.create_model(config)
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
   t = jnp.array([3, 500])
-  params = models.init_params(model, jax.random.key(1, impl='rbg'), 8, 1)
+  params = models.init_params(model, jax.random.key(1, impl='rbg'))
 
   def loss(p):
     out = model.apply({'params': p}, x, t)

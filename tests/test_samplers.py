@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxddpm import conditioning
 from jaxddpm import samplers
 from jaxddpm import schedules
 
@@ -37,7 +38,7 @@ def gaussian_model(mean_type='eps', var_type='fixedlarge', mu=MU, s=S, counter=N
   """The optimal model for x_0 ~ N(mu, s^2), called with original timesteps."""
   abar = jnp.asarray(np.cumprod(1.0 - BETAS), jnp.float32)
 
-  def model_fn(x, t):
+  def model_fn(x, t, cond=None):
     if counter is not None:
       counter.append(1)  # runs once per trace
     a = abar[t][:, None, None, None]
@@ -147,7 +148,7 @@ def test_ddim_matches_float64_reference_with_clipping():
   betas = np.linspace(1e-4, 0.05, t_total)
   schedule = schedules.schedule_from_betas(betas)
 
-  def model_fn(x, t):
+  def model_fn(x, t, cond=None):
     return 0.8 * jnp.tanh(2.0 * x) + 0.002 * t[:, None, None, None]
 
   sampler = samplers.make_sampler(schedule, sampler='ddim', num_steps=num_steps,
@@ -215,7 +216,8 @@ def test_intermediates_are_the_states_after_every_kth_op(schedule):
 def test_classifier_free_guidance_combines_predictions():
   num_classes, w = 10, 2.5
 
-  def model_fn(x, t, y):
+  def model_fn(x, t, cond):
+    y = cond['label']
     eps = x * (1.0 + 0.1 * y[:, None, None, None]) + 0.01 * t[:, None, None, None]
     var = jnp.broadcast_to(0.05 * y[:, None, None, None], x.shape)
     return jnp.concatenate([eps, var], axis=-1)
@@ -223,8 +225,9 @@ def test_classifier_free_guidance_combines_predictions():
   x = jax.random.normal(jax.random.key(12), (3, 2, 2, 2))
   t = jnp.array([5, 50, 500])
   y = jnp.array([0, 3, 9])
-  guided = jax.jit(lambda f, x, t, y: f(x, t, y=y))(
-      samplers.classifier_free_guidance(model_fn, w, num_classes), x, t, y)
+  spec = {'label': conditioning.Label(num_classes)}
+  guided = jax.jit(lambda f, x, t, y: f(x, t, {'label': y}))(
+      samplers.classifier_free_guidance(model_fn, w, spec), x, t, y)
 
   xn, tn, yn = (np.asarray(a, np.float64) for a in (x, t, y))
   cond = xn * (1 + 0.1 * yn[:, None, None, None]) + 0.01 * tn[:, None, None, None]
@@ -237,14 +240,15 @@ def test_classifier_free_guidance_combines_predictions():
 def test_guided_sampling_compiles_once_for_all_scales(schedule):
   counter = []
 
-  def model_fn(x, t, y):
+  def model_fn(x, t, cond):
     counter.append(1)
-    return 0.5 * x + 0.1 * y[:, None, None, None]
+    return 0.5 * x + 0.1 * cond['label'][:, None, None, None]
 
   sampler = samplers.make_sampler(schedule, sampler='ddim', num_steps=5, clip_denoised=False)
   y = jnp.array([1, 2])
-  outs = [samplers.sample(samplers.classifier_free_guidance(model_fn, w, 10), sampler,
-                          jax.random.key(0), (2, 4, 4, 1), model_kwargs={'y': y})
+  spec = {'label': conditioning.Label(10)}
+  outs = [samplers.sample(samplers.classifier_free_guidance(model_fn, w, spec), sampler,
+                          jax.random.key(0), (2, 4, 4, 1), cond={'label': y})
           for w in (0.0, 3.0)]
   assert len(counter) == 1
   assert np.abs(np.asarray(outs[0]) - np.asarray(outs[1])).max() > 1e-3
@@ -317,7 +321,7 @@ def test_inpainting_conditions_on_the_known_region(schedule, resample, jump):
   mu = np.array([MU, MU])
   abar = jnp.asarray(np.cumprod(1.0 - BETAS), jnp.float32)
 
-  def model_fn(x, t):  # the optimal eps of q(x_t) = N(sqrt(a) mu, a sigma + (1 - a) I)
+  def model_fn(x, t, cond=None):  # the optimal eps of q(x_t) = N(sqrt(a) mu, a sigma + (1 - a) I)
     a = abar[t][:, None]
     flat = x.reshape(-1, 2)
     diag, off = a * S ** 2 + 1 - a, a * S ** 2 * rho  # [[diag, off], [off, diag]]^-1 below

@@ -115,8 +115,9 @@ def test_schedule_is_a_pytree_and_jits():
 
 def test_schedule_from_betas_and_config():
   from configs import tiny  # pylint: disable=g-import-not-at-top
+  from jaxddpm import factories  # pylint: disable=g-import-not-at-top
+  schedule = factories.schedule(tiny.get_config())
   config = tiny.get_config().diffusion
-  schedule = schedules.schedule_from_config(config)
   want = schedules.schedule_from_betas(
       np.linspace(config.beta_start, config.beta_end, config.num_timesteps))
   chex.assert_trees_all_close(schedule, want, rtol=1e-7)

@@ -21,11 +21,12 @@ import numpy as np
 import pytest
 
 from configs import tiny
+import toy_model
 from jaxddpm import checkpoint
 from jaxddpm import images as images_lib
-from jaxddpm import schedules
 from jaxddpm import train
 from jaxddpm import train_state
+from jaxddpm import factories
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(REPO, 'tests', 'train_subprocess.py')
@@ -124,24 +125,13 @@ def reference(tmp_path_factory, cache_dir):
 # The pure step, on a toy model (fast to compile).
 
 
-class _ToyModel(nn.Module):
-  """eps_theta(x, t) = a * x + b(t), small enough to check update rules by hand."""
-
-  @nn.compact
-  def __call__(self, x, t, y=None, *, train=False):
-    del y, train
-    a = self.param('a', nn.initializers.constant(0.5), (x.shape[-1],))
-    b = nn.Embed(100, x.shape[-1])(t)
-    return a * x + b[:, None, None, :]
-
-
 def _toy_setup(steps_per_call=1):
   config = tiny.get_config()
   config.optim.warmup_steps = 4
   config.optim.lr = 1e-2
   config.optim.ema_decay = 0.9
-  model = _ToyModel()
-  schedule = schedules.schedule_from_config(config.diffusion)
+  model = toy_model.ToyModel()
+  schedule = factories.schedule(config)
   state = train_state.create_train_state(config, model, jax.random.PRNGKey(0))
   images = jax.random.uniform(jax.random.PRNGKey(1), (5, 8, 4, 4, 1), minval=-1, maxval=1)
   step = jax.jit(train.make_train_step(config, model, schedule))
@@ -153,7 +143,7 @@ def test_step_updates_follow_warmup_and_ema():
   lrs = []
   for k in range(5):
     old = state
-    state, metrics = step(state, {'image': images[k:k + 1]})
+    state, metrics = step(state, {'x': images[k:k + 1]})
     lrs.append(float(metrics['lr'][0]))
     # ema <- decay * ema + (1 - decay) * params, decay = 0.9.
     ema_ref = jax.tree.map(lambda e, p: 0.9 * np.float64(e) + 0.1 * np.float64(p),
@@ -170,11 +160,11 @@ def test_first_step_matches_hand_computed_clip_and_adam():
   config.optim.warmup_steps = 0
   config.optim.grad_clip = 0.05
   config.optim.eps = 1.0  # large, so the clipped gradient's size shows in Adam's update
-  model = _ToyModel()
-  schedule = schedules.schedule_from_config(config.diffusion)
+  model = toy_model.ToyModel()
+  schedule = factories.schedule(config)
   state = train_state.create_train_state(config, model, jax.random.PRNGKey(0))
   x = images[0]
-  new, metrics = jax.jit(train.make_train_step(config, model, schedule))(state, {'image': x[None]})
+  new, metrics = jax.jit(train.make_train_step(config, model, schedule))(state, {'x': x[None]})
 
   # The same draws: step k uses fold_in(rng, k), split into (t, noise, dropout).
   t_rng, noise_rng, _ = jax.random.split(jax.random.fold_in(state.rng, 0), 3)
@@ -202,9 +192,9 @@ def test_min_snr_weighting_in_the_train_step_matches_a_hand_computation():
   config, state, images, _ = _toy_setup()
   config.diffusion.weighting = 'min_snr'
   config.diffusion.min_snr_gamma = 5.0
-  model = _ToyModel()
-  schedule = schedules.schedule_from_config(config.diffusion)
-  _, metrics = jax.jit(train.make_train_step(config, model, schedule))(state, {'image': images[:1]})
+  model = toy_model.ToyModel()
+  schedule = factories.schedule(config)
+  _, metrics = jax.jit(train.make_train_step(config, model, schedule))(state, {'x': images[:1]})
   x = np.float64(images[0])
   t_rng, noise_rng, _ = jax.random.split(jax.random.fold_in(state.rng, 0), 3)
   t = jax.random.randint(t_rng, (x.shape[0],), 0, 100)
@@ -224,8 +214,8 @@ def test_scan_of_k_steps_equals_k_calls():
   _, state, images, step = _toy_setup()
   one = state
   for k in range(4):
-    one, _ = step(one, {'image': images[k:k + 1]})
-  four, metrics = step(state, {'image': images[:4]})
+    one, _ = step(one, {'x': images[k:k + 1]})
+  four, metrics = step(state, {'x': images[:4]})
   assert metrics['loss'].shape == (4,)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                one.params, four.params)
@@ -235,11 +225,11 @@ def test_scan_of_k_steps_equals_k_calls():
 def test_loss_aware_timesteps_keep_a_history():
   config = tiny.get_config()
   config.diffusion.timestep_sampler = 'loss_aware'
-  model = _ToyModel()
-  schedule = schedules.schedule_from_config(config.diffusion)
+  model = toy_model.ToyModel()
+  schedule = factories.schedule(config)
   state = train_state.create_train_state(config, model, jax.random.PRNGKey(0))
   images = jax.random.uniform(jax.random.PRNGKey(1), (3, 16, 4, 4, 1), minval=-1, maxval=1)
-  state, metrics = jax.jit(train.make_train_step(config, model, schedule))(state, {'image': images})
+  state, metrics = jax.jit(train.make_train_step(config, model, schedule))(state, {'x': images})
   # Three steps of 16 examples: 48 (t, loss) pairs recorded, one count per example.
   assert int(state.timestep_state.loss_counts.sum()) == 48
   assert np.all(np.isfinite(metrics['loss']))

@@ -11,8 +11,10 @@ import pytest
 
 from configs import cifar
 from configs import tiny
+from jaxddpm import conditioning
 from jaxddpm import models
 from jaxddpm.models import layers
+from jaxddpm import factories
 
 
 def _count(tree):
@@ -20,7 +22,7 @@ def _count(tree):
 
 
 def _abstract_params(model, image_size, channels):
-  return jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), image_size, channels))
+  return jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
 
 
 def _random_params(module, *inputs, seed=0):
@@ -51,14 +53,14 @@ def _tiny(**overrides):
 
 def test_cifar_param_count_is_the_papers():
   config = cifar.get_config()
-  model = models.create_model(config)
+  model = factories.create_model(config)
   assert _count(_abstract_params(model, 32, 3)) == 35_746_307
 
 
 def test_learned_variance_doubles_output_channels():
   config = cifar.get_config()
   config.diffusion.model_var_type = 'learned_range'
-  ucfg = models.unet_config_from(config)
+  ucfg = factories.model_config(config)
   assert (ucfg.in_channels, ucfg.out_channels) == (3, 6)
   # Only conv_out grows: 3 more output channels of a 3x3x128 conv and their biases.
   count = _count(_abstract_params(models.UNet(ucfg), 32, 3))
@@ -165,7 +167,7 @@ def test_attention_matches_numpy(num_heads):
 
 
 # One small model shared by most tests: equal models and shapes reuse the compiled functions.
-BASE = models.create_model(_tiny(dropout=0.1))
+BASE = factories.create_model(_tiny(dropout=0.1))
 X = jax.random.normal(jax.random.key(2), (2, 8, 8, 1))
 T = jnp.array([3, 77])
 
@@ -178,7 +180,7 @@ def _base_params():
 def test_init_follows_the_reference():
   """fan_avg uniform variance scaling; residual branch ends and conv_out start at ~0."""
   # An 'rbg' key: the same initialisers, but XLA compiles it in a fraction of threefry's time.
-  params = models.init_params(BASE, jax.random.key(0, impl='rbg'), 8, 1)
+  params = models.init_params(BASE, jax.random.key(0, impl='rbg'))
   chex.assert_trees_all_equal_dtypes(params, jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params))
   near_zero = [params['conv_out']['kernel'], params['mid_attn']['proj_out']['kernel'],
                params['down_0_block_0']['conv2']['kernel'], params['up_1_block_1']['conv2']['kernel']]
@@ -195,7 +197,7 @@ def test_init_follows_the_reference():
 
 
 def test_bfloat16_compute_is_close_to_float32():
-  bf16 = models.create_model(_tiny(dropout=0.1, dtype='bfloat16'))
+  bf16 = factories.create_model(_tiny(dropout=0.1, dtype='bfloat16'))
   params = _base_params()
   # Same parameter tree, kept in float32, whatever the compute dtype.
   chex.assert_trees_all_equal_shapes_and_dtypes(params, _abstract_params(bf16, 8, 1))
@@ -218,8 +220,8 @@ def _grads(model, params):
 def test_remat_gives_the_same_gradients():
   # One level (ResBlocks, attention, middle) keeps the two gradient compiles short.
   overrides = dict(dropout=0.1, ch_mult=(1,), attn_resolutions=(8,))
-  plain = models.create_model(_tiny(**overrides))
-  remat = models.create_model(_tiny(remat=True, **overrides))
+  plain = factories.create_model(_tiny(**overrides))
+  remat = factories.create_model(_tiny(remat=True, **overrides))
   params = _random_params(plain)
   chex.assert_trees_all_equal_shapes(params, _abstract_params(remat, 8, 1))
   g_plain, g_remat = _grads(plain, params), _grads(remat, params)
@@ -241,17 +243,32 @@ def test_dropout_only_in_training():
 
 
 def test_class_conditioning_and_null_class():
-  model = models.create_model(_tiny(num_classes=3, class_dropout=1.0))
+  model = factories.create_model(_tiny(num_classes=3, class_dropout=1.0))
   params = _random_params(model)
   assert params['class_embed']['embedding'].shape == (4, 64)  # 3 classes + the null class
   fn = models.make_model_fn(model, params)
-  null = fn(X, T, jnp.array([3, 3]))
-  chex.assert_trees_all_equal(fn(X, T), null)  # y=None is the null class
-  assert not np.allclose(fn(X, T, jnp.array([0, 1])), null)
-  # class_dropout=1 with train=True: every label becomes the null class.
-  dropped = models.make_model_fn(model, params, train=True, dropout_rng=jax.random.key(5))(
-      X, T, jnp.array([0, 1]))
-  chex.assert_trees_all_close(dropped, null, atol=1e-6)
+  null = fn(X, T, {'label': jnp.array([3, 3])})
+  chex.assert_trees_all_equal(fn(X, T), null)  # no label is the null class
+  chex.assert_trees_all_equal(fn(X, T, {}), null)
+  assert not np.allclose(fn(X, T, {'label': jnp.array([0, 1])}), null)
+  # The network never drops labels itself, even in training mode with class_dropout=1:
+  # dropout is the objective's, through cond_spec() and conditioning.drop.
+  train_fn = models.make_model_fn(model, params, train=True, dropout_rng=jax.random.key(5))
+  chex.assert_trees_all_close(train_fn(X, T, {'label': jnp.array([0, 1])}),
+                              fn(X, T, {'label': jnp.array([0, 1])}), atol=1e-6)
+  spec = model.config.cond_spec()
+  assert spec == {'label': conditioning.Label(3, dropout=1.0)}
+  dropped = conditioning.drop({'label': jnp.array([0, 1])}, spec, jax.random.key(5))
+  chex.assert_trees_all_equal(fn(X, T, dropped), null)
+  with pytest.raises(ValueError, match=r"unexpected conditioning key\(s\) \['low_res'\]"):
+    fn(X, T, {'label': jnp.array([0, 1]), 'low_res': X})
+  with pytest.raises(TypeError, match='cond must be a dict'):
+    fn(X, T, jnp.array([0, 1]))
+  # Told to, the network ignores a key it was not built for.
+  tolerant = factories.create_model(_tiny(num_classes=3, ignore_cond_keys=('low_res',)))
+  chex.assert_trees_all_equal(
+      models.make_model_fn(tolerant, params)(X, T, {'label': jnp.array([0, 1]), 'low_res': X}),
+      fn(X, T, {'label': jnp.array([0, 1])}))
 
 
 def test_biggan_resample_blocks_start_as_pool_and_upsample():
@@ -267,13 +284,13 @@ def test_biggan_resample_blocks_start_as_pool_and_upsample():
 
 
 def test_resampling_variants():
-  updown = models.create_model(_tiny(resblock_updown=True))
+  updown = factories.create_model(_tiny(resblock_updown=True))
   params = _random_params(updown)
   assert set(params['down_0_downsample']) == {'norm1', 'conv1', 'temb_proj', 'norm2', 'conv2'}
   out = models.make_model_fn(updown, params)(X, T)
   assert out.shape == (2, 8, 8, 1) and bool(jnp.all(jnp.isfinite(out)))
   # Without resampling convs, down/upsampling has no parameters at all.
-  plain = _abstract_params(models.create_model(_tiny(resamp_with_conv=False)), 8, 1)
+  plain = _abstract_params(factories.create_model(_tiny(resamp_with_conv=False)), 8, 1)
   assert not {'down_0_downsample', 'up_1_upsample'} & set(plain)
   assert _count(plain) == _count(_abstract_params(BASE, 8, 1)) - (9 * 16 * 16 + 16) - (9 * 32 * 32 + 32)
 
@@ -282,7 +299,8 @@ def test_bad_inputs_are_clear_errors():
   fn = models.make_model_fn(BASE, _base_params())
   with pytest.raises(ValueError, match='divisible by 2'):
     fn(jnp.zeros((1, 7, 7, 1)), jnp.array([0]))
-  with pytest.raises(ValueError, match='num_classes=0'):
-    fn(X, T, jnp.array([0, 0]))
+  with pytest.raises(ValueError, match=r"unexpected conditioning key\(s\) \['label'\]; this model "
+                     r'takes none \(unconditional\)'):
+    fn(X, T, {'label': jnp.array([0, 0])})
   with pytest.raises(ValueError, match='norm_groups'):
     models.UNetConfig(ch=24, norm_groups=32)

@@ -52,7 +52,7 @@ def _install_faults(train):
     def nan_batch(self, step):
       out = batch(self, step)
       if step == nan_step:
-        out['image'] = out['image'] * float('nan')
+        out['x'] = out['x'] * float('nan')
       return out
 
     data.Pipeline.batch = nan_batch

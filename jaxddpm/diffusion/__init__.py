@@ -9,8 +9,8 @@ Conventions: x is NHWC, [B, H, W, C] (any rank >= 1 works; the batch is axis 0),
 [-1, 1]. t is int32 [B] in [0, T); index t is the paper's timestep t+1. Per-timestep
 coefficients come from a `schedules.Schedule` and are broadcast to x's shape by `extract`.
 
-The network enters only as `model_fn(x, t, **model_kwargs) -> output`, a closure over its
-parameters. Its output is [B, H, W, C] (the eps, x0 or v prediction) or, for the learned
+The network enters only as `model_fn(x, t, cond) -> output`, a `Partial` over its
+parameters, `cond` the conditioning pytree (`jaxddpm.conditioning`; {} when unconditional). Its output is [B, H, W, C] (the eps, x0 or v prediction) or, for the learned
 variance types, [B, H, W, 2C]: the prediction in the first C channels, the variance output in
 the last C (improved-diffusion's channel split). The model is called with
 `schedule.timestep_map[t]`, the original timestep, so respaced schedules need no model wrapper.
@@ -43,18 +43,6 @@ def check_types(model_mean_type: str, model_var_type: Optional[str] = None,
                                 ('loss_type', loss_type, LOSS_TYPES)):
     if value is not None and value not in allowed:
       raise ValueError(f'unknown {field} {value!r}; expected one of {allowed}')
-
-
-def types_from_config(config) -> dict[str, str]:
-  """dict(model_mean_type, model_var_type, loss_type) of a `config.diffusion` ConfigDict.
-
-  Raises:
-    ValueError: naming the field and the bad value.
-  """
-  types = dict(model_mean_type=config.model_mean_type, model_var_type=config.model_var_type,
-               loss_type=config.loss_type)
-  check_types(**types)
-  return types
 
 
 def model_output_channels(channels: int, model_var_type: str) -> int:
@@ -305,27 +293,27 @@ def p_mean_variance_from_output(schedule: Schedule, model_output: jax.Array, x_t
 
 
 def call_model(model_fn: ModelFn, schedule: Schedule, x_t: jax.Array, t: jax.Array,
-               model_kwargs: Optional[Mapping[str, Any]] = None) -> jax.Array:
-  """model_fn(x_t, timestep_map[t], **model_kwargs): the network sees original timesteps."""
-  return model_fn(x_t, schedule.timestep_map[t], **(model_kwargs or {}))
+               cond: Optional[Mapping[str, Any]] = None) -> jax.Array:
+  """model_fn(x_t, timestep_map[t], cond): the network sees original timesteps."""
+  return model_fn(x_t, schedule.timestep_map[t], {} if cond is None else cond)
 
 
 def p_mean_variance(model_fn: ModelFn, schedule: Schedule, x_t: jax.Array, t: jax.Array, *,
                     model_mean_type: str, model_var_type: str, clip_denoised: bool = True,
-                    model_kwargs: Optional[Mapping[str, Any]] = None,
+                    cond: Optional[Mapping[str, Any]] = None,
                     denoised_fn: Optional[Callable[[jax.Array], jax.Array]] = None
                     ) -> dict[str, jax.Array]:
   """Calls the model on (x_t, t) and returns p(x_{t-1} | x_t); see `p_mean_variance_from_output`.
 
   Args:
-    model_fn: model_fn(x, t, **model_kwargs) -> [B, H, W, C] or [B, H, W, 2C].
+    model_fn: model_fn(x, t, cond) -> [B, H, W, C] or [B, H, W, 2C].
     x_t: [B, H, W, C].
     t: int32 [B] indices into the schedule (the model gets schedule.timestep_map[t]).
 
   Returns:
     dict(mean, variance, log_variance, pred_xstart, pred_eps, model_output), each [B, H, W, C].
   """
-  model_output = call_model(model_fn, schedule, x_t, t, model_kwargs)
+  model_output = call_model(model_fn, schedule, x_t, t, cond)
   return p_mean_variance_from_output(
       schedule, model_output, x_t, t, model_mean_type=model_mean_type,
       model_var_type=model_var_type, clip_denoised=clip_denoised, denoised_fn=denoised_fn)

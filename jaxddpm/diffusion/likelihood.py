@@ -6,7 +6,7 @@ References:
   [IDDPM] Nichol, Dhariwal. Improved Denoising Diffusion Probabilistic Models. 2021.
 
 Conventions are `diffusion`'s: x is [B, H, W, C] (any rank >= 1; the batch is axis 0), data in
-[-1, 1], t int32 [B] in [0, T), the model enters as `model_fn(x, t, **model_kwargs)`.
+[-1, 1], t int32 [B] in [0, T), the model enters as `model_fn(x, t, cond)`.
 
   -log p(x_0) <= L_T + sum_{t>1} L_{t-1} + L_0                              [DDPM eq. 5]
 
@@ -110,10 +110,10 @@ def vb_terms_bpd_from_output(schedule: Schedule, model_output: jax.Array, x_star
 
 def vb_terms_bpd(model_fn: ModelFn, schedule: Schedule, x_start: jax.Array, x_t: jax.Array,
                  t: jax.Array, *, model_mean_type: str, model_var_type: str,
-                 clip_denoised: bool = True, model_kwargs: Optional[Mapping[str, Any]] = None
+                 clip_denoised: bool = True, cond: Optional[Mapping[str, Any]] = None
                  ) -> dict[str, jax.Array]:
   """`vb_terms_bpd_from_output` with the model called on (x_t, t); output [B] bits/dim."""
-  model_output = call_model(model_fn, schedule, x_t, t, model_kwargs)
+  model_output = call_model(model_fn, schedule, x_t, t, cond)
   return vb_terms_bpd_from_output(
       schedule, model_output, x_start, x_t, t, model_mean_type=model_mean_type,
       model_var_type=model_var_type, clip_denoised=clip_denoised)
@@ -124,12 +124,12 @@ def vb_terms_bpd(model_fn: ModelFn, schedule: Schedule, x_start: jax.Array, x_t:
 
 def calc_bpd_loop(model_fn: ModelFn, schedule: Schedule, x_start: jax.Array, key: jax.Array, *,
                   model_mean_type: str, model_var_type: str, clip_denoised: bool = True,
-                  model_kwargs: Optional[Mapping[str, Any]] = None) -> dict[str, jax.Array]:
+                  cond: Optional[Mapping[str, Any]] = None) -> dict[str, jax.Array]:
   """The full variational bound -log p(x_0) <= L_T + sum_{t>1} L_{t-1} + L_0 in bits/dim
   [DDPM eq. 5; IDDPM eq. 4], with one draw of x_t per timestep, over all T terms (lax.scan).
 
   Args:
-    model_fn: model_fn(x, t, **model_kwargs).
+    model_fn: model_fn(x, t, cond).
     x_start: [B, H, W, C] data on the 256-level grid in [-1, 1].
     key: PRNG key for the x_t draws (one fresh split per timestep).
 
@@ -150,7 +150,7 @@ def calc_bpd_loop(model_fn: ModelFn, schedule: Schedule, x_start: jax.Array, key
     x_t = q_sample(schedule, x_start, t, noise)
     out = vb_terms_bpd(model_fn, schedule, x_start, x_t, t, model_mean_type=model_mean_type,
                        model_var_type=model_var_type, clip_denoised=clip_denoised,
-                       model_kwargs=model_kwargs)
+                       cond=cond)
     eps = predict_eps_from_xstart(schedule, x_t, t, out['pred_xstart'])
     return carry, (out['output'], mean_flat(jnp.square(out['pred_xstart'] - x_start)),
                    mean_flat(jnp.square(eps - noise)))

@@ -9,12 +9,12 @@ parameter CIFAR-10 model.
 """
 
 import dataclasses
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from jaxddpm import conditioning
 from jaxddpm.models import layers
 
 
@@ -34,9 +34,12 @@ class UNetConfig:
     dropout: dropout rate inside ResBlocks (active when train=True).
     num_classes: 0 for unconditional; else a class embedding with
       num_classes + 1 rows, row num_classes being the null class
-      (classifier-free guidance, Ho & Salimans 2021).
-    class_dropout: with train=True, the probability that a label is replaced
-      by the null class.
+      (classifier-free guidance, Ho & Salimans 2021) of `cond['label']`.
+    class_dropout: the training probability that a label is replaced by the
+      null class. The network does not drop labels itself: the objective does,
+      through `cond_spec()` and `conditioning.drop`.
+    ignore_cond_keys: conditioning keys the network accepts and ignores (e.g.
+      a shared data pipeline's keys); any other key it was not built for is an error.
     num_heads: attention heads (1 in DDPM).
     num_head_channels: if > 0, heads = channels // num_head_channels instead.
     resblock_updown: BigGAN-style ResBlocks for up/downsampling.
@@ -69,34 +72,55 @@ class UNetConfig:
   downsample_padding: str = 'same'
   dtype: str = 'float32'
   remat: bool = False
+  ignore_cond_keys: Sequence[str] = ()
 
   def __post_init__(self):
     # ConfigDicts read back from JSON hold lists; tuples keep the config hashable.
     object.__setattr__(self, 'ch_mult', tuple(int(m) for m in self.ch_mult))
     object.__setattr__(self, 'attn_resolutions', tuple(int(r) for r in self.attn_resolutions))
     object.__setattr__(self, 'dtype', jnp.dtype(self.dtype).name)
+    object.__setattr__(self, 'ignore_cond_keys', tuple(str(k) for k in self.ignore_cond_keys))
     if self.downsample_padding not in ('same', 'symmetric'):
       raise ValueError(f"downsample_padding must be 'same' or 'symmetric', got {self.downsample_padding!r}")
     for c in [self.ch * m for m in self.ch_mult]:
       if c % self.norm_groups:
         raise ValueError(f'{c} channels do not split into norm_groups={self.norm_groups} groups')
 
+  def cond_spec(self) -> dict[str, conditioning.Label]:
+    """The conditioning keys the network reads: {'label'} for a class-conditional model."""
+    if self.num_classes > 0:
+      return {'label': conditioning.Label(self.num_classes, dropout=self.class_dropout)}
+    return {}
+
+  def example_inputs(self, batch: int = 1):
+    """(x, t, cond) of the right shapes and dtypes (for init and shape inference)."""
+    x = jnp.zeros((batch, self.image_size, self.image_size, self.in_channels), jnp.float32)
+    cond = {'label': jnp.zeros((batch,), jnp.int32)} if self.num_classes > 0 else {}
+    return x, jnp.zeros((batch,), jnp.int32), cond
+
 
 class UNet(nn.Module):
   """eps_theta(x_t, t) of DDPM (Ho et al. 2020, eq. 11 and Appendix B).
 
-  Call: `model.apply({'params': p}, x, t, y, train=False, rngs={'dropout': key})`.
+  Call: `model.apply({'params': p}, x, t, cond, train=False, rngs={'dropout': key})`.
     x: [B, H, W, C] with H, W divisible by 2**(len(ch_mult) - 1).
     t: [B] timesteps (int or float).
-    y: [B] int labels in [0, num_classes] (num_classes = null class); None
-      means the null class. Only for num_classes > 0.
+    cond: the conditioning pytree (`jaxddpm.conditioning`): {} or None when
+      unconditional; {'label': [B] int in [0, num_classes]} (num_classes = null
+      class) for num_classes > 0, where a missing label means the null class.
+      A key outside `cond_spec()` and `ignore_cond_keys` is a ValueError.
   Returns: [B, H, W, out_channels] float32.
   """
   config: UNetConfig
 
   @nn.compact
-  def __call__(self, x, t, y=None, *, train: bool = False):
+  def __call__(self, x, t, cond=None, *, train: bool = False):
     cfg = self.config
+    if cond is None:
+      cond = {}
+    if not isinstance(cond, Mapping):
+      raise TypeError(f'cond must be a dict of conditioning arrays, got {type(cond).__name__}')
+    conditioning.check(cond, cfg.cond_spec(), ignore=cfg.ignore_cond_keys)
     dtype = jnp.dtype(cfg.dtype)
     num_levels = len(cfg.ch_mult)
     factor = 2 ** (num_levels - 1)
@@ -123,15 +147,11 @@ class UNet(nn.Module):
     temb = layers.timestep_embedding(t, cfg.ch, flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
     temb = dense(4 * cfg.ch, 'temb_dense1')(nn.swish(dense(4 * cfg.ch, 'temb_dense0')(temb)))
     if cfg.num_classes > 0:
+      y = cond.get('label')
       if y is None:
         y = jnp.full(x.shape[:1], cfg.num_classes, jnp.int32)
-      if train and cfg.class_dropout > 0:
-        drop = self.make_rng('dropout')
-        y = jnp.where(jax.random.bernoulli(drop, cfg.class_dropout, y.shape), cfg.num_classes, y)
       temb = temb + nn.Embed(cfg.num_classes + 1, 4 * cfg.ch, dtype=dtype, param_dtype=jnp.float32,
                              name='class_embed')(y)
-    elif y is not None:
-      raise ValueError('labels y were given to a model with num_classes=0')
 
     # Downsampling path; every intermediate output is kept for the skips.
     hs = [layers.conv(cfg.ch, 'conv_in', dtype=dtype)(x.astype(dtype))]

@@ -1,0 +1,90 @@
+"""A run's ConfigDict -> the core's typed objects: the one place that reads a config for them.
+
+The core (schedules, diffusion, objectives, solvers, models) takes typed values
+and dataclasses; the shell (training, sampling, evaluation, the CLIs) builds
+them here from `config.diffusion`, `config.model` and `config.data`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+
+from jaxddpm import diffusion
+from jaxddpm import models
+from jaxddpm import schedules
+
+
+def schedule(config) -> schedules.Schedule:
+  """The `Schedule` of a run config (`config.diffusion`: num_timesteps, beta_schedule,
+  beta_start, beta_end, and optionally cosine_s, max_beta)."""
+  d = config.diffusion
+  kw = {k: d[k] for k in ('cosine_s', 'max_beta') if k in d}
+  return schedules.make_schedule(d.beta_schedule, d.num_timesteps, beta_start=d.beta_start,
+                                 beta_end=d.beta_end, **kw)
+
+
+def diffusion_types(config) -> dict[str, str]:
+  """dict(model_mean_type, model_var_type, loss_type) of a run config's `config.diffusion`.
+
+  Raises:
+    ValueError: naming the field and the bad value.
+  """
+  d = config.diffusion
+  types = dict(model_mean_type=d.model_mean_type, model_var_type=d.model_var_type,
+               loss_type=d.loss_type)
+  diffusion.check_types(**types)
+  return types
+
+
+def model_name(config) -> str:
+  return str(config.model.get('name', 'unet'))
+
+
+def _unet_config(config) -> models.UNetConfig:
+  m = config.model
+  channels = int(config.data.channels)
+  return models.UNetConfig(
+      image_size=int(config.data.image_size),
+      in_channels=channels,
+      out_channels=diffusion.model_output_channels(channels, config.diffusion.model_var_type),
+      ch=m.ch,
+      ch_mult=m.ch_mult,
+      num_res_blocks=m.num_res_blocks,
+      attn_resolutions=m.attn_resolutions,
+      dropout=m.dropout,
+      num_classes=m.num_classes,
+      class_dropout=m.class_dropout,
+      num_heads=m.num_heads,
+      num_head_channels=m.get('num_head_channels', 0),
+      resblock_updown=m.resblock_updown,
+      resamp_with_conv=m.resamp_with_conv,
+      norm_groups=m.norm_groups,
+      norm_eps=m.norm_eps,
+      flip_sin_to_cos=m.get('flip_sin_to_cos', False),
+      freq_shift=m.get('freq_shift', 1.0),
+      downsample_padding=m.get('downsample_padding', 'same'),
+      dtype=m.dtype,
+      remat=m.remat,
+      ignore_cond_keys=tuple(m.get('ignore_cond_keys', ())),
+  )
+
+
+# One builder per registered model name: config.model (+ data, diffusion) -> its typed config.
+_MODEL_CONFIGS = {'unet': _unet_config}
+
+
+def model_config(config):
+  """The typed config of `config.model.name`'s denoiser (a `models.UNetConfig` for 'unet').
+
+  Learned variances (`model_var_type` learned / learned_range, Nichol & Dhariwal 2021)
+  double the output channels: [eps, v].
+  """
+  name = model_name(config)
+  if name not in _MODEL_CONFIGS:
+    raise ValueError(f'unknown model.name {name!r}; expected one of {sorted(_MODEL_CONFIGS)}')
+  return _MODEL_CONFIGS[name](config)
+
+
+def create_model(config) -> nn.Module:
+  """The denoiser of a run config, from the model registry."""
+  return models.create(model_name(config), model_config(config))
