@@ -10,28 +10,28 @@ workdir/checkpoints/
     train/             every other field of the state: step, opt_state, rng, ...
 ```
 
-The parameters are items of their own, so `load_params` can read `params` or
-`ema_params` alone, without knowing (or reading) the optimizer state. A params-only checkpoint (`save_params`, used by the weight converters)
-has just the `params` item and optionally `ema_params`.
+The parameters are items of their own, so `load_params` can read `params` or `ema_params`
+alone, without knowing (or reading) the optimizer state. A params-only checkpoint
+(`save_params`, used by the weight converters) has just the `params` item and optionally
+`ema_params`.
 
-A checkpoint folder only appears under its final name once every process has
-finished writing it, so a run killed mid-save leaves the previous checkpoint as
-the latest complete one.
+A checkpoint folder only appears under its final name once every process has finished
+writing it, so a run killed mid-save leaves the previous checkpoint as the latest complete one.
 
-Damage that happens after a save (a flipped byte, a deleted manifest, a stray
-empty step folder, a NaN that slipped into the weights) is caught on restore:
-`Checkpointer.restore_newest_good` and `load_params` read checkpoints newest
-first, reject any that cannot be read or hold a non-finite value, and say which
-ones they skipped and why. Training moves rejected checkpoints out of the way
-(`quarantine`, to `workdir/checkpoints.damaged/`) instead of deleting them.
+Damage that happens after a save (a flipped byte, a deleted manifest, a stray empty step
+folder, a NaN that slipped into the weights) is caught on restore:
+`Checkpointer.restore_newest_good` and `load_params` read checkpoints newest first, reject any
+that cannot be read or hold a non-finite value, and say which ones they skipped and why.
+Training moves rejected checkpoints out of the way (`workdir.quarantine`, to
+`workdir/checkpoints.damaged/`, DAMAGED_DIR) instead of deleting them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
-import shutil
 from typing import Any, Callable
 
 import jax
@@ -51,8 +51,8 @@ class CheckpointError(ValueError):
 class _OrbaxInfoFilter(logging.Filter):
   """Drops Orbax's INFO records (a dozen per save); its warnings and errors pass, as one line.
 
-  The tracebacks Orbax logs from its background threads run to hundreds of
-  lines; the same errors reach the caller as a one-line `CheckpointError`.
+  The tracebacks Orbax logs from its background threads run to hundreds of lines; the same
+  errors reach the caller as a one-line `CheckpointError`.
   """
 
   def filter(self, record: logging.LogRecord) -> bool:
@@ -76,6 +76,15 @@ def first_line(error: BaseException, limit: int = 200) -> str:
   lines = str(error).strip().splitlines()
   text = f'{type(error).__name__}: {lines[0] if lines else ""}'.rstrip(': ')
   return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+@contextlib.contextmanager
+def _save_failures():
+  """Reraises any exception (Orbax raises many types) as a one-line `CheckpointError`."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f'saving a checkpoint failed: {first_line(e)}') from e
 
 
 @jax.jit
@@ -110,8 +119,7 @@ def _fields(state: PyTree) -> dict[str, PyTree]:
     return dict(state)
   if dataclasses.is_dataclass(state):
     return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
-  raise TypeError(
-      f'Can only checkpoint a dict or a dataclass, got {type(state).__name__}.')
+  raise TypeError(f'Can only checkpoint a dict or a dataclass, got {type(state).__name__}.')
 
 
 def _state_items(state: PyTree) -> dict[str, PyTree]:
@@ -159,35 +167,31 @@ def newest_good(steps: list[int], read: Callable[[int], PyTree], *,
                 ) -> tuple[int | None, PyTree | None, list[tuple[int, str]]]:
   """The first of `steps` whose `read(step)` succeeds and holds only finite values.
 
-  `read(step)` returns a dict (or dataclass) of pytrees; any exception it raises
-  rejects the step, since Orbax and TensorStore raise many types for damaged
-  files and all of them mean "unreadable". `check(step)` may raise
-  `CheckpointError` to reject a step before it is read; any other exception of
-  `check` (a config that does not fit) propagates.
+  `read(step)` returns a dict (or dataclass) of pytrees; any exception it raises rejects the
+  step, since Orbax and TensorStore raise many types for damaged files and all of them mean
+  "unreadable". `check(step)` may raise `CheckpointError` to reject a step before it is read;
+  any other exception of `check` (a config that does not fit) propagates.
 
   Returns:
-    (step, tree, rejected): the step used and what `read` gave (None, None when
-    no step is usable), and [(step, reason)] for the steps rejected before it.
+    (step, tree, rejected): the step used and what `read` gave (None, None when no step is
+    usable), and [(step, reason)] for the steps rejected before it.
   """
   rejected = []
   for step in steps:
     try:
       if check is not None:
         check(step)
+      try:
+        tree = read(step)
+      except CheckpointError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        raise CheckpointError(f'cannot be read ({first_line(e)})') from e
+      bad = nonfinite_values(tree)
+      if bad:
+        raise CheckpointError(f'holds non-finite values ({describe_nonfinite(bad)})')
     except CheckpointError as e:
       rejected.append((step, str(e)))
-      continue
-    try:
-      tree = read(step)
-    except CheckpointError as e:
-      rejected.append((step, str(e)))
-      continue
-    except Exception as e:  # pylint: disable=broad-except
-      rejected.append((step, f'cannot be read ({first_line(e)})'))
-      continue
-    bad = nonfinite_values(tree)
-    if bad:
-      rejected.append((step, f'holds non-finite values ({describe_nonfinite(bad)})'))
       continue
     return step, tree, rejected
   return None, None, rejected
@@ -196,10 +200,9 @@ def newest_good(steps: list[int], read: Callable[[int], PyTree], *,
 class Checkpointer:
   """Saves and restores a training state under `directory`, keeping the latest `keep`.
 
-  `save` is asynchronous (arrays are copied to host memory before it returns,
-  so the caller may donate or overwrite them); `wait` blocks until the last
-  save is durable. All processes of a multi-host run must call `save` and
-  `restore` together.
+  `save` is asynchronous (arrays are copied to host memory before it returns, so the caller
+  may donate or overwrite them); `wait` blocks until the last save is durable. All processes
+  of a multi-host run must call `save` and `restore` together.
   """
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
@@ -214,12 +217,10 @@ class Checkpointer:
         cleanup_tmp_directories=True,
         enable_async_checkpointing=async_save,
     )
-    # Naming the items' handlers lets Orbax read their metadata, so a single
-    # item can be restored without a template (`restore_item`).
-    handlers = {name: ocp.StandardCheckpointHandler()
-                for name in (*_PARAM_ITEMS, _OTHER_ITEM)}
-    self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_handlers=handlers)
+    # Naming the items' handlers lets Orbax read their metadata, so a single item can be
+    # restored without a template (`restore_item`).
+    handlers = {name: ocp.StandardCheckpointHandler() for name in (*_PARAM_ITEMS, _OTHER_ITEM)}
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
     """The step of the latest complete checkpoint, or None when there is none."""
@@ -228,11 +229,15 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
+  def reload(self) -> None:
+    """Rereads the steps on disk, after checkpoint folders were moved (`workdir.quarantine`)."""
+    self._manager.reload()
+
   def save(self, step: int, state: PyTree, *, force: bool = False) -> bool:
     """Saves `state` (a dataclass or dict of pytrees) as checkpoint `step`.
 
-    Returns False (and writes nothing) when a checkpoint for `step` exists
-    already, e.g. a signal-triggered save landing on a periodic one.
+    Returns False (and writes nothing) when a checkpoint for `step` exists already, e.g. a
+    signal-triggered save landing on a periodic one.
 
     Raises:
       CheckpointError: this save, or the previous asynchronous one, failed.
@@ -242,18 +247,15 @@ class Checkpointer:
       return False
     items = {k: ocp.args.StandardSave(v)
              for k, v in _state_items(state).items() if not _is_empty(v)}
-    try:
+    # Orbax first waits for the previous save, so its failure (e.g. ENOSPC) surfaces here too.
+    with _save_failures():
       return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
-    except Exception as e:  # pylint: disable=broad-except
-      # Orbax first waits for the previous save, so its failure (e.g. ENOSPC) surfaces here too.
-      raise CheckpointError(f'saving a checkpoint failed: {first_line(e)}') from e
 
   def restore(self, step: int | None, abstract_state: PyTree) -> PyTree:
     """Restores checkpoint `step` (latest when None) into the structure of `abstract_state`.
 
-    `abstract_state` is the state's pytree with `jax.ShapeDtypeStruct` leaves
-    (e.g. from `jax.eval_shape`), whose shardings say where the restored
-    arrays go.
+    `abstract_state` is the state's pytree with `jax.ShapeDtypeStruct` leaves (e.g. from
+    `jax.eval_shape`), whose shardings say where the restored arrays go.
     """
     if step is None:
       step = self.latest_step()
@@ -261,47 +263,39 @@ class Checkpointer:
         raise FileNotFoundError(f'No checkpoint in {self.directory}.')
     template = _state_items(abstract_state)
     wanted = {k: v for k, v in template.items() if not _is_empty(v)}
-    restored = self._manager.restore(
-        int(step),
-        args=ocp.args.Composite(
-            **{k: ocp.args.StandardRestore(v) for k, v in wanted.items()}))
+    restored = self._restore(step, wanted)
     items = {k: restored[k] if k in wanted else v for k, v in template.items()}
     return _replace_items(abstract_state, items)
+
+  def _restore(self, step: int, abstract_items: dict[str, PyTree]) -> dict[str, PyTree]:
+    args = {k: ocp.args.StandardRestore(v) for k, v in abstract_items.items()}
+    return self._manager.restore(int(step), args=ocp.args.Composite(**args))
 
   def item_names(self, step: int) -> list[str]:
     """Names of the items stored in checkpoint `step` (e.g. ['ema_params', 'params'])."""
     metadata = self._manager.item_metadata(int(step))
     return sorted(name for name, value in metadata.items() if value is not None)
 
-  def _item_metadata(self, step: int, name: str) -> PyTree:
+  def item_shapes(self, step: int, name: str, sharding=None) -> PyTree:
+    """Item `name` of checkpoint `step` as a tree of `jax.ShapeDtypeStruct`s, from metadata."""
     metadata = self._manager.item_metadata(int(step))[name]
     # Newer Orbax wraps the tree of array metadata in a TreeMetadata.
-    return getattr(metadata, 'tree', metadata)
-
-  def item_shapes(self, step: int, name: str) -> PyTree:
-    """The saved item `name` of checkpoint `step` as a tree of `jax.ShapeDtypeStruct`s (no data read)."""
-    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
-                        self._item_metadata(step, name))
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                        getattr(metadata, 'tree', metadata))
 
   def restore_item(self, step: int, name: str) -> PyTree:
     """Restores one item as saved (nested dicts of arrays on the default device)."""
-    metadata = self._item_metadata(step, name)
-    device = jax.local_devices()[0]
-    sharding = jax.sharding.SingleDeviceSharding(device)
-    abstract = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-        metadata)
-    restored = self._manager.restore(
-        int(step), args=ocp.args.Composite(**{name: ocp.args.StandardRestore(abstract)}))
-    return restored[name]
+    abstract = self.item_shapes(
+        step, name, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    return self._restore(step, {name: abstract})[name]
 
   def layout_differences(self, step: int, abstract_state: PyTree) -> list[str]:
     """How the saved items of `step` differ from `abstract_state`'s, from metadata only.
 
-    Compares every leaf's path and shape, e.g. a U-Net of another width or an
-    optimizer chain with another structure (which Orbax reports only as a
-    page-long "Structure mismatch"). Returns ['params/Conv_0/kernel: saved
-    (3, 3, 1, 16), wanted (3, 3, 1, 32)', ...], empty when they fit.
+    Compares every leaf's path and shape, e.g. a U-Net of another width or an optimizer chain
+    with another structure (which Orbax reports only as a page-long "Structure mismatch").
+    Returns ['params/Conv_0/kernel: saved (3, 3, 1, 16), wanted (3, 3, 1, 32)', ...], empty
+    when they fit.
     """
     diffs = []
     for name, tree in _state_items(abstract_state).items():
@@ -320,41 +314,18 @@ class Checkpointer:
                           ) -> tuple[int | None, PyTree | None, list[tuple[int, str]]]:
     """Restores the newest checkpoint that reads back whole and finite (`newest_good`).
 
-    A checkpoint is rejected when Orbax cannot restore it into `abstract_state`
-    (missing items or manifests, garbage in a data file, a stray empty step
-    folder) or when any of its floating-point values is NaN/Inf.
-    Returns (step, state, [(rejected step, reason)], newest first).
+    A checkpoint is rejected when Orbax cannot restore it into `abstract_state` (missing items
+    or manifests, garbage in a data file, a stray empty step folder) or when any of its
+    floating-point values is NaN/Inf. Returns (step, state, [(rejected step, reason)], newest
+    first).
     """
     return newest_good(sorted(self.all_steps(), reverse=True),
                        lambda step: self.restore(step, abstract_state), check=check)
 
-  def quarantine(self, steps: list[int], workdir: str) -> str:
-    """Moves checkpoints `steps` to workdir/checkpoints.damaged/ (nothing is deleted).
-
-    They would otherwise stay the "latest" checkpoint and block new saves at
-    their steps. Process 0 moves; every process must call this.
-    Returns the folder they went to.
-    """
-    target = os.path.join(os.path.abspath(workdir), DAMAGED_DIR)
-    if jax.process_index() == 0:
-      os.makedirs(target, exist_ok=True)
-      for step in steps:
-        dest, suffix = os.path.join(target, str(step)), 1
-        while os.path.exists(dest):  # damaged twice at one step: keep both
-          dest, suffix = os.path.join(target, f'{step}.{suffix}'), suffix + 1
-        shutil.move(os.path.join(self.directory, str(step)), dest)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.sync_global_devices('jaxddpm_checkpoint_quarantine')
-    self._manager.reload()
-    return target
-
   def check_for_errors(self) -> None:
     """Raises `CheckpointError` (one line) if an asynchronous save has failed. Does not block."""
-    try:
+    with _save_failures():
       self._manager.check_for_errors()
-    except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f'saving a checkpoint failed: {first_line(e)}') from e
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are complete.
@@ -362,11 +333,9 @@ class Checkpointer:
     Raises:
       CheckpointError: one of them failed (e.g. the disk is full).
     """
-    try:
+    with _save_failures():
       self._manager.wait_until_finished()
-    except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f'saving a checkpoint failed: {first_line(e)}') from e
-    self.check_for_errors()
+      self._manager.check_for_errors()
 
   def close(self) -> None:
     """Waits for pending saves (raising `CheckpointError` if one failed) and closes."""
@@ -385,9 +354,8 @@ class Checkpointer:
 def saved_steps(workdir: str) -> list[int]:
   """Steps of the complete checkpoints in `workdir/checkpoints`, read from the listing only.
 
-  Does not create anything, so it is safe for checks before a run starts.
-  Checkpoints still being written live in temporary folders whose names are
-  not plain integers.
+  Does not create anything, so it is safe for checks before a run starts. Checkpoints still
+  being written live in temporary folders whose names are not plain integers.
   """
   directory = checkpoint_dir(workdir)
   if not os.path.isdir(directory):
@@ -400,17 +368,16 @@ def save_params(workdir: str, params: PyTree, *, step: int = 0,
                 ema_params: PyTree | None = None) -> None:
   """Writes a params-only checkpoint to `workdir/checkpoints/<step>`.
 
-  For weight converters and other producers of trained weights: the result is
-  read by `load_params` (and so by `jaxddpm.load_run`) like a training
-  checkpoint. `ema_params` is stored as a separate item when given.
+  For weight converters and other producers of trained weights: the result is read by
+  `load_params` (and so by `jaxddpm.load_run`) like a training checkpoint. `ema_params` is
+  stored as a separate item when given.
   """
   state = {'params': params}
   if ema_params is not None:
     state['ema_params'] = ema_params
   with Checkpointer(checkpoint_dir(workdir), async_save=False) as ckpt:
     if int(step) in ckpt.all_steps():
-      raise FileExistsError(
-          f'{ckpt.directory} already holds a checkpoint for step {step}.')
+      raise FileExistsError(f'{ckpt.directory} already holds a checkpoint for step {step}.')
     ckpt.save(step, state, force=True)
 
 
@@ -452,15 +419,14 @@ def load_params_and_step(workdir: str, *, ema: bool = True,
 def load_params(workdir: str, *, ema: bool = True, step: int | None = None) -> PyTree:
   """Loads model parameters from the newest usable (or the given) checkpoint in `workdir`.
 
-  Works for full training checkpoints and params-only ones alike, reading only
-  the parameter item. With `ema=True` the EMA parameters are returned when the
-  checkpoint has them, else the raw parameters (params-only checkpoints; a
-  training checkpoint that lost its EMA item is rejected instead). Without
-  `step`, a checkpoint that cannot be read or holds NaN/Inf is skipped with a
-  warning naming it, and the next older one is used.
+  Works for full training checkpoints and params-only ones alike, reading only the parameter
+  item. With `ema=True` the EMA parameters are returned when the checkpoint has them, else the
+  raw parameters (params-only checkpoints; a training checkpoint that lost its EMA item is
+  rejected instead). Without `step`, a checkpoint that cannot be read or holds NaN/Inf is
+  skipped with a warning naming it, and the next older one is used.
 
-  Returns: nested dict of float32 jax arrays (the Flax params collection as
-  saved, e.g. {'params': {...}} or the inner dict, whatever was saved).
+  Returns: nested dict of float32 jax arrays (the Flax params collection as saved, e.g.
+  {'params': {...}} or the inner dict, whatever was saved).
 
   Raises:
     FileNotFoundError: no checkpoint at all.

@@ -130,6 +130,13 @@ def any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
 
 
+def barrier(name: str) -> None:
+  """Waits until every process has reached the barrier `name` (nothing to wait for with one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
 def fetch(x: jax.Array) -> np.ndarray:
   """A global array -> NumPy, the same on every process (gathers other processes' shards).
 

@@ -32,6 +32,39 @@ SCHEDULES = ('linear', 'cosine', 'quad', 'sigmoid', 'const', 'jsd', 'warmup10', 
 SPACINGS = ('uniform', 'ddim', 'leading', 'trailing', 'linspace', 'quad')
 
 
+class HostArray:
+  """An immutable NumPy array usable as static pytree metadata (kept by jit, jax.tree.map and
+  device_put, and part of the jit cache key, so hashable and compared by value): equal when
+  dtype, shape and bytes are, hashed once here. `.array` is a read-only view of an immutable
+  bytes buffer, so its WRITEABLE flag cannot be set either."""
+  __slots__ = ('_key', '_hash', 'array')
+
+  def __init__(self, array):
+    array = np.asarray(array)
+    key = (array.dtype.str, array.shape, array.tobytes())
+    object.__setattr__(self, '_key', key)
+    object.__setattr__(self, '_hash', hash(key))
+    object.__setattr__(self, 'array', np.frombuffer(key[2], array.dtype).reshape(array.shape))
+
+  def __setattr__(self, name, value):
+    raise AttributeError(f'HostArray is immutable (cannot set {name!r})')
+
+  def __eq__(self, other):
+    return isinstance(other, HostArray) and self._key == other._key
+
+  def __hash__(self):
+    return self._hash
+
+  def __reduce__(self):  # pickle and copy go through __init__, not the blocked __setattr__
+    return HostArray, (self.array,)
+
+  def __array__(self, dtype=None, copy=None):
+    return np.array(self.array, dtype=dtype, copy=copy)
+
+  def __repr__(self):
+    return f'HostArray(dtype={self.array.dtype}, shape={self.array.shape})'
+
+
 @dataclasses.dataclass(frozen=True)
 class Schedule:
   """Per-timestep coefficients of the forward process, float32 arrays of shape [T].
@@ -55,10 +88,12 @@ class Schedule:
     stands for; arange(T) unless made by `respace`. `diffusion.p_mean_variance` and
     `objectives.training_losses` call the model with timestep_map[t], so a respaced schedule
     needs no wrapping of the model function.
-  - alphas_cumprod64: float64 NumPy [T] abar_t, or None. Host-side only, not a pytree leaf: the
-    constructors here (make_schedule, schedule_from_betas, respace) keep it so that `respace`
-    loses nothing to the float32 storage; a Schedule rebuilt by a JAX transformation (jit,
-    jax.tree.map, device_put) has None.
+  - alphas_cumprod64: `HostArray` of float64 [T] abar_t (a NumPy array given is wrapped), or
+    None. Static pytree metadata, not a leaf: it stays on the host, survives jit, jax.tree.map
+    and device_put, and is part of the jit cache key (equal schedules share a compilation,
+    other abar retrace). The constructors here set it, so `respace` loses nothing to the
+    float32 storage; a Schedule built by hand without it works, but `respace` then recomputes
+    abar from the float32 betas.
   """
   betas: jax.Array
   alphas_cumprod: jax.Array
@@ -74,8 +109,13 @@ class Schedule:
   posterior_mean_coef1: jax.Array
   posterior_mean_coef2: jax.Array
   timestep_map: jax.Array
-  alphas_cumprod64: np.ndarray | None = dataclasses.field(default=None, repr=False,
-                                                          compare=False)
+  alphas_cumprod64: HostArray | None = dataclasses.field(default=None, repr=False,
+                                                         compare=False)
+
+  def __post_init__(self):
+    if self.alphas_cumprod64 is not None and not isinstance(self.alphas_cumprod64, HostArray):
+      # Frozen dataclass: the one sanctioned way to normalise a field.
+      object.__setattr__(self, 'alphas_cumprod64', HostArray(self.alphas_cumprod64))
 
   @property
   def num_timesteps(self) -> int:
@@ -83,11 +123,13 @@ class Schedule:
     return self.betas.shape[0]
 
 
-# Every field but the host-side float64 copy is a leaf; unflattening leaves that copy None.
+# The float32 arrays are leaves; the host-side float64 abar is static metadata, so JAX
+# transformations carry it through instead of dropping it (a dropped field would make
+# `respace` silently fall back to the float32 betas).
 jax.tree_util.register_dataclass(
     Schedule,
     data_fields=[f.name for f in dataclasses.fields(Schedule) if f.name != 'alphas_cumprod64'],
-    meta_fields=[], drop_fields=['alphas_cumprod64'])
+    meta_fields=['alphas_cumprod64'])
 
 
 def _check_num_timesteps(num_timesteps):
@@ -183,8 +225,7 @@ def _schedule_from_betas64(betas, timestep_map, alphas_cumprod=None):
   alphas = 1.0 - betas
   if alphas_cumprod is None:
     alphas_cumprod = np.cumprod(alphas)
-  alphas_cumprod = np.array(alphas_cumprod, dtype=np.float64)
-  alphas_cumprod.flags.writeable = False  # part of a frozen Schedule
+  alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
   alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
   alphas_cumprod_next = np.append(alphas_cumprod[1:], 0.0)
   with np.errstate(divide='ignore'):  # abar_t = 0 only for the jsd schedule's last step
@@ -210,7 +251,7 @@ def _schedule_from_betas64(betas, timestep_map, alphas_cumprod=None):
       posterior_mean_coef2=f32(
           (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod)),
       timestep_map=jnp.asarray(timestep_map, dtype=jnp.int32),
-      alphas_cumprod64=alphas_cumprod,
+      alphas_cumprod64=HostArray(alphas_cumprod),
   )
 
 
@@ -367,10 +408,10 @@ def respace(schedule: Schedule, use_timesteps: Iterable[int]) -> Schedule:
   abar'_k = abar_{S_k} and beta'_k = 1 - abar_{S_k} / abar_{S_{k-1}} (abar_{S_{-1}} = 1); every
   other coefficient is rederived in float64. abar is the schedule's float64
   `alphas_cumprod64`, so respacing is exact (the stored float32 abar' is the float32 rounding
-  of the float64 abar_{S_k}). A Schedule that lost alphas_cumprod64 (one rebuilt by a JAX
-  transformation) falls back to abar recomputed from the float32 betas, off by up to ~1e-5
-  relative where beta is near 1 (cosine's clipped last steps). The result's timestep_map[k] is
-  the original timestep of S_k (composes when respacing twice).
+  of the float64 abar_{S_k}); it survives jit, jax.tree.map and device_put. A Schedule built by
+  hand without it (alphas_cumprod64=None) falls back to abar recomputed from the float32 betas,
+  off by up to ~1e-5 relative where beta is near 1 (cosine's clipped last steps). The result's
+  timestep_map[k] is the original timestep of S_k (composes when respacing twice).
 
   This runs on the host (not under jit): use_timesteps is a Python/NumPy collection.
 
@@ -389,7 +430,7 @@ def respace(schedule: Schedule, use_timesteps: Iterable[int]) -> Schedule:
   if use.size < 2:
     raise ValueError(f'respace needs at least 2 timesteps, got {use.tolist()}')
   if schedule.alphas_cumprod64 is not None:
-    alphas_cumprod = schedule.alphas_cumprod64[use]
+    alphas_cumprod = schedule.alphas_cumprod64.array[use]
   else:
     alphas_cumprod = np.cumprod(1.0 - np.asarray(schedule.betas, dtype=np.float64))[use]
   betas = 1.0 - alphas_cumprod / np.append(1.0, alphas_cumprod[:-1])

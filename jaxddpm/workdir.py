@@ -26,6 +26,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -266,6 +267,25 @@ def _check_fits(ckpt: checkpoint.Checkpointer, step: int, abstract_state,
       + '. Resume with the settings it was trained with, or use a new workdir.')
 
 
+def quarantine(ckpt: checkpoint.Checkpointer, steps: list[int], workdir: str) -> str:
+  """Moves checkpoints `steps` to workdir/checkpoints.damaged/ (nothing is deleted).
+
+  They would otherwise stay the "latest" checkpoint and block new saves at their steps.
+  Process 0 moves; every process must call this. Returns the folder they went to.
+  """
+  target = os.path.join(os.path.abspath(workdir), checkpoint.DAMAGED_DIR)
+  if parallel.is_main_process():
+    os.makedirs(target, exist_ok=True)
+    for step in steps:
+      dest, suffix = os.path.join(target, str(step)), 1
+      while os.path.exists(dest):  # damaged twice at one step: keep both
+        dest, suffix = os.path.join(target, f'{step}.{suffix}'), suffix + 1
+      shutil.move(os.path.join(ckpt.directory, str(step)), dest)
+  parallel.barrier('jaxddpm_checkpoint_quarantine')
+  ckpt.reload()
+  return target
+
+
 def restore_newest(ckpt: checkpoint.Checkpointer, abstract_state,
                    workdir: str) -> tuple[int, PyTree] | None:
   """(step, state) of the newest checkpoint that fits and reads back finite; None if none exist.
@@ -291,7 +311,7 @@ def restore_newest(ckpt: checkpoint.Checkpointer, abstract_state,
         f'No checkpoint in {ckpt.directory} can be resumed: {reasons}. They are left in '
         'place; move them away to start again from step 0.')
   if rejected:
-    moved_to = ckpt.quarantine([s for s, _ in rejected], workdir)
+    moved_to = quarantine(ckpt, [s for s, _ in rejected], workdir)
     logging.warning('%s. Moved to %s; resuming from checkpoint %d, the newest good one.',
                     reasons[0].upper() + reasons[1:], moved_to, step)
   return step, state

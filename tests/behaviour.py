@@ -5,6 +5,8 @@ tests/fixtures/make_behaviour_fixture.py saved its output from the code before
 the architecture refactor, so the two must agree bitwise.
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 
@@ -41,9 +43,9 @@ def compute() -> dict[str, np.ndarray]:
     types = factories.diffusion_types(config)
     shape = (NUM_SAMPLES, config.data.image_size, config.data.image_size, config.data.channels)
     key = jax.random.key(1234)
-    # A Schedule rebuilt by tree.map loses its float64 alpha_bar, so `respace` takes the
-    # float32 path that the code before the refactor had (see test_behaviour.py).
-    float32_respacing = jax.tree.map(lambda a: a, schedule)
+    # Without its float64 alpha_bar a Schedule makes `respace` recompute alpha_bar from the
+    # float32 betas, the path the code before the refactor had (see test_behaviour.py).
+    float32_respacing = dataclasses.replace(schedule, alphas_cumprod64=None)
     for name, base in (('ddim', schedule), ('ddpm', schedule),
                        ('ddpm_float32_respacing', float32_respacing)):
       plan = samplers.make_sampler(base, sampler=name[:4], num_steps=10, eta=0.0,
