@@ -11,7 +11,9 @@ import flax.linen as nn
 
 from jaxddpm import diffusion
 from jaxddpm import models
+from jaxddpm import objectives
 from jaxddpm import schedules
+from jaxddpm import timesteps
 
 
 def schedule(config) -> schedules.Schedule:
@@ -88,3 +90,25 @@ def model_config(config):
 def create_model(config) -> nn.Module:
   """The denoiser of a run config, from the model registry."""
   return models.create(model_name(config), model_config(config))
+
+
+def objective(config, model: nn.Module, schedule: schedules.Schedule):
+  """config.diffusion's denoising objective for `model`: (loss_fn, timestep_sampler).
+
+  loss_fn(params, batch, key, timestep_state) -> (loss, metrics), as
+  `train_step.make_generic_train_step` takes it. Conditioning dropout (e.g. labels
+  to the null class with probability config.model.class_dropout, for
+  classifier-free guidance) follows the model's `cond_spec()`.
+  """
+  def apply_fn(params, x_t, t, cond, key):
+    return models.make_model_fn(model, params, train=True, dropout_rng=key)(x_t, t, cond)
+
+  d = config.diffusion
+  num_timesteps = schedule.num_timesteps
+  sampler = (timesteps.loss_aware_timesteps(num_timesteps) if d.timestep_sampler == 'loss_aware'
+             else timesteps.uniform_timesteps(num_timesteps))
+  loss_fn = objectives.denoising_objective(
+      apply_fn, schedule, **diffusion_types(config),
+      weighting=d.get('weighting', 'uniform'), min_snr_gamma=float(d.get('min_snr_gamma', 5.0)),
+      timestep_sampler=sampler, cond_spec=model.config.cond_spec())
+  return loss_fn, sampler

@@ -117,6 +117,23 @@ def host_to_global(batch: Any, mesh: jax.sharding.Mesh, *, batch_axis: int = 0) 
       batch)
 
 
+def round_to_mesh(batch_size: int, mesh: jax.sharding.Mesh | None) -> int:
+  """batch_size rounded up to a multiple of the mesh size, so it splits over the devices
+  (unchanged without a mesh)."""
+  return batch_size if mesh is None else -(-batch_size // mesh.size) * mesh.size
+
+
+def host_array_to_global(x: np.ndarray, mesh: jax.sharding.Mesh | None) -> Any:
+  """A host array that every process holds whole -> a global array sharded on 'data'.
+
+  Unlike `host_to_global`, whose input is each process's own rows. Without a mesh
+  the array is returned as it is (placed on the default device by its first use).
+  """
+  if mesh is None:
+    return x
+  return jax.make_array_from_callback(x.shape, data_sharding(mesh), lambda index: x[index])
+
+
 def is_main_process() -> bool:
   """True on process 0, the one that writes logs and images."""
   return jax.process_index() == 0

@@ -1,66 +1,45 @@
-"""Training: the train state, the pure train step, and the loop that drives it.
+"""The training loop: `train_and_evaluate(config, workdir)` drives the pure train step.
 
-The core is `make_generic_train_step(loss_fn, ...)`: a pure function (state,
-batches) -> (state, metrics) running `steps_per_call` optimizer steps of any
-objective (`jaxddpm.objectives`) with `lax.scan`; `make_train_step` gives it
-the config's denoising objective. It is
-jit-compiled once per run over a mesh of every device of every process, the
-batch sharded on 'data', the state replicated and donated.
-
-Per step (DDPM Algorithm 1, Ho et al. 2020):
-
-  t ~ Uniform{0..T-1} (or IDDPM's importance sampling), eps ~ N(0, I),
-  loss = mean_b w(t_b) L(x_0, t, eps)  (`objectives.denoising_objective`: L_simple,
-    L_vlb or hybrid, weighted uniformly, by Min-SNR-gamma or by an SNR weighting),
-  g = clip_by_global_norm(grad loss),  params <- Adam(g, lr_k),
-  lr_k = lr * min(1, k / warmup_steps)  (Appendix B: linear warmup),
-  ema <- decay * ema + (1 - decay) * params  (`optax.incremental_update`).
-
-All randomness of step k comes from fold_in(state.rng, k) and the batch of
-step k is a pure function of (seed, k) (see `jaxddpm.data`), so a run resumed
-from a checkpoint reproduces the uninterrupted run bit for bit, and the same
-run on 1 or N devices agrees to float32 rounding (threefry draws do not depend
-on the sharding).
-
-`train_and_evaluate(config, workdir)` is the shell around it: checks, data,
-checkpoints (resume, periodic, on SIGTERM/SIGINT, final), logging
-(config.json, metrics.jsonl, TensorBoard, progress), sample grids and the
-evaluation hook.
+The step (`jaxddpm.train_step` over `factories.objective`) is jit-compiled once
+per run over a mesh of every device of every process, the batch sharded on
+'data', the state replicated and donated. Around it, each a named piece: checks
+before any compute, setup (`_restore_or_init`, `_compile_step`), the loop
+(`_loop`: steps, signals, the NaN check, the save policy `_Saves`, the sample-grid
+and evaluation `_hooks`) and the finish. Writers, progress and signals live in
+`jaxddpm.train_io`. The batch of step k is a pure function of (seed, k) and all
+randomness of step k comes from fold_in(state.rng, k), so a resumed run
+reproduces the uninterrupted one bit for bit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, NamedTuple
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from jaxddpm import checkpoint
 from jaxddpm import config_utils
 from jaxddpm import data as data_lib
 from jaxddpm import evaluation
+from jaxddpm import factories
 from jaxddpm import images as images_lib
 from jaxddpm import models
-from jaxddpm import objectives
 from jaxddpm import parallel
 from jaxddpm import runtime
 from jaxddpm import sample
 from jaxddpm import schedules
-from jaxddpm import timesteps
 from jaxddpm import train_io
 from jaxddpm import train_state
+from jaxddpm import train_step
 from jaxddpm import workdir as workdir_lib
-from jaxddpm import factories
-
-PyTree = Any
 
 
 class TrainError(Exception):
@@ -80,98 +59,15 @@ class SaveError(TrainError):
   """
 
 
-# ---------------------------------------------------------------------------
-# The pure train step.
-
-
-def make_objective(config, model, schedule: schedules.Schedule):
-  """config.diffusion's denoising objective for `model`: (loss_fn, timestep_sampler).
-
-  Conditioning dropout (e.g. labels to the null class with probability
-  config.model.class_dropout, for classifier-free guidance) follows the model's
-  `cond_spec()`.
-  """
-  def apply_fn(params, x_t, t, cond, key):
-    return models.make_model_fn(model, params, train=True, dropout_rng=key)(x_t, t, cond)
-
-  d = config.diffusion
-  num_timesteps = schedule.num_timesteps
-  sampler = (timesteps.loss_aware_timesteps(num_timesteps) if d.timestep_sampler == 'loss_aware'
-             else timesteps.uniform_timesteps(num_timesteps))
-  loss_fn = objectives.denoising_objective(
-      apply_fn, schedule, **factories.diffusion_types(config),
-      weighting=d.get('weighting', 'uniform'), min_snr_gamma=float(d.get('min_snr_gamma', 5.0)),
-      timestep_sampler=sampler, cond_spec=model.config.cond_spec())
-  return loss_fn, sampler
-
-
 def make_train_step(config, model, schedule: schedules.Schedule) -> Callable:
-  """Returns train_steps(state, batches) -> (state, metrics) for config's denoising objective."""
-  loss_fn, sampler = make_objective(config, model, schedule)
-  return make_generic_train_step(loss_fn, config.optim, timestep_sampler=sampler)
-
-
-def make_generic_train_step(loss_fn, optim_config, *,
-                            timestep_sampler: timesteps.TimestepSampler | None = None
-                            ) -> Callable:
-  """Returns train_steps(state, batches) -> (state, metrics), pure and jit-able, for any
-  objective `loss_fn(params, batch, key, timestep_state) -> (loss, metrics)`.
-
-  Per step k (DDPM Algorithm 1 for the denoising objective):
-    key = fold_in(state.rng, k), (loss, metrics), g = value_and_grad(loss_fn)(params, batch, key),
-    g = clip_by_global_norm(g), params <- Adam(g, lr_k), ema <- decay ema + (1 - decay) params
-  and the timestep sampler's state is updated with the step's per-example losses.
-
-  Args of the returned function:
-    state: train_state.TrainState.
-    batches: {'x': float32 [k, B, ...] in [-1, 1], 'cond': {key: [k, B, ...]}} (the
-      conditioning pytree, e.g. {'label': int32 [k, B]}; {} when unconditional): the
-      batches of k consecutive steps.
-
-  Returns:
-    The state after k steps, and metrics: dict of float32 [k] (the objective's scalar metrics,
-    e.g. loss, mse and vb; grad_norm, lr, and finite: 1 when the loss, the gradient norm and the
-    updated parameters are all finite), one entry per step.
-  """
-  tx = train_state.make_optimizer(optim_config)
-  lr_schedule = train_state.learning_rate_schedule(optim_config)
-  ema_decay = float(optim_config.ema_decay)
-
-  def one_step(state: train_state.TrainState, batch):
-    key = jax.random.fold_in(state.rng, state.step)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, key, state.timestep_state)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema_params = optax.incremental_update(params, state.ema_params, step_size=1.0 - ema_decay)
-    timestep_state = state.timestep_state
-    if timestep_sampler is not None and timestep_state is not None:
-      timestep_state = timestep_sampler.update(timestep_state, aux['_t'], aux['_loss'])
-    grad_norm = optax.tree.norm(grads)
-    # The loss of step k is computed before its update, so a bad update shows only in the
-    # new parameters; `finite` lets the loop refuse to save (or continue from) such a state.
-    params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
-    metrics = {k: v for k, v in aux.items() if not k.startswith('_')}
-    metrics.update(
-        grad_norm=grad_norm,
-        lr=jnp.asarray(lr_schedule(state.step), jnp.float32),
-        finite=(jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite).astype(jnp.float32))
-    new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
-                              opt_state=opt_state, timestep_state=timestep_state)
-    return new_state, metrics
-
-  def train_steps(state: train_state.TrainState, batches):
-    if jax.tree.leaves(batches)[0].shape[0] == 1:
-      # A single step needs no loop.
-      state, metrics = one_step(state, jax.tree.map(lambda b: b[0], batches))
-      return state, jax.tree.map(lambda m: m[None], metrics)
-    return jax.lax.scan(one_step, state, batches)
-
-  return train_steps
+  """Returns train_steps(state, batches) -> (state, metrics) for config's denoising objective
+  (`train_step.make_generic_train_step` over `factories.objective`)."""
+  loss_fn, sampler = factories.objective(config, model, schedule)
+  return train_step.make_generic_train_step(loss_fn, config.optim, timestep_sampler=sampler)
 
 
 # ---------------------------------------------------------------------------
-# Sample grids and the evaluation hook.
+# The hooks: sample grids and evaluation.
 
 
 def sample_grid(config, params, mesh) -> np.ndarray:
@@ -191,20 +87,23 @@ def sample_grid(config, params, mesh) -> np.ndarray:
 
 def evaluate(config, model, schedule: schedules.Schedule, state: train_state.TrainState, mesh,
              workdir: str | None = None) -> dict[str, float]:
-  """Evaluation during training, every config.training.eval_every steps.
+  """Evaluation during training (every config.training.eval_every steps) with the EMA params:
+  `evaluation.training_metrics` (held-out bits/dim, FID / IS / KID) sampling through
+  `sample.generate`. Returns {name: value}, logged as 'eval/<name>'. All processes call it."""
+  params = state.ema_params
 
-  Held-out bits/dim and sample-quality metrics (FID / IS / KID: the digits
-  classifier for digits, Inception when config.eval.inception_weights is set),
-  computed with the EMA parameters; see `evaluation.training_metrics`.
-  Returns {name: value}; the loop writes them to metrics.jsonl and TensorBoard
-  under 'eval/<name>'. All processes call it.
-  """
-  return evaluation.training_metrics(config, model, schedule, state.ema_params, mesh,
-                                     step=int(jax.device_get(state.step)), workdir=workdir)
+  def sample_fn(num_samples, key):
+    # config.sampling's solver, through the package's one sampling loop.
+    return sample.generate(config, params, num_samples=num_samples, key=key,
+                           mesh=mesh)['samples']
+
+  return evaluation.training_metrics(config, model, schedule, params, mesh,
+                                     step=int(jax.device_get(state.step)),
+                                     sample_fn=sample_fn, workdir=workdir)
 
 
 # ---------------------------------------------------------------------------
-# Checks before any compute.
+# Checks before any compute, and setup.
 
 
 def check_config(config) -> None:
@@ -233,8 +132,70 @@ def check_config(config) -> None:
     raise TrainError('training.num_sample_grid must be positive when sample_every > 0.')
 
 
+def _untouched(message: str, workdir: str) -> str:
+  steps = checkpoint.saved_steps(workdir)
+  return (f'{message} The checkpoints are untouched (newest: step {steps[-1]}).' if steps
+          else message)
+
+
+@contextlib.contextmanager
+def _as_train_error(*errors: type[Exception], workdir: str | None = None):
+  """Re-raises `errors` as TrainError with their message; given `workdir`, the message adds
+  that its checkpoints are untouched (for failures after checkpoints may exist)."""
+  try:
+    yield
+  except errors as e:
+    raise TrainError(str(e) if workdir is None else _untouched(str(e), workdir)) from e
+
+
+def _state_init(config, model, mesh) -> tuple[Callable, train_state.TrainState]:
+  """The jitted initialiser of a fresh TrainState (born replicated) and its abstract state."""
+  replicated = parallel.replicated(mesh)
+  # Initialisation runs once: compiling it with less LLVM optimisation saves
+  # more time than its execution loses.
+  init_fn = jax.jit(lambda key: train_state.create_train_state(config, model, key),
+                    out_shardings=replicated, compiler_options=models.INIT_COMPILER_OPTIONS)
+  abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(int(config.seed)))
+  abstract = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
+  return init_fn, abstract
+
+
+def _restore_or_init(config, workdir: str, pipeline, ckpt: checkpoint.Checkpointer, init_fn,
+                     abstract) -> tuple[train_state.TrainState, int | None]:
+  """The newest good checkpoint's state or a fresh one, and the restored step (None: fresh).
+  Also writes config.json (process 0)."""
+  with _as_train_error(workdir_lib.WorkdirError):
+    restored = workdir_lib.restore_newest(ckpt, abstract, workdir)
+  resumed = None if restored is None else restored[0]
+  num_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract.params))
+  train_io.describe_run(config, num_params, len(pipeline.source), workdir, resumed)
+  state = init_fn(jax.random.PRNGKey(int(config.seed))) if restored is None else restored[1]
+  if parallel.is_main_process():
+    with _as_train_error(workdir_lib.WorkdirError, workdir=workdir):
+      workdir_lib.write_config(workdir, config)
+  return state, resumed
+
+
+def _compile_step(config, model, schedule, mesh) -> tuple[Callable, list[int]]:
+  """`make_train_step` jitted over the mesh, and the count of its traces (1 expected)."""
+  traces = [0]
+  train_steps = make_train_step(config, model, schedule)
+
+  def counted(state, batches):
+    traces[0] += 1  # runs at trace time only
+    return train_steps(state, batches)
+
+  replicated = parallel.replicated(mesh)
+  # The state is donated: its buffers are reused for the new state.
+  step_fn = jax.jit(counted, in_shardings=(replicated, parallel.data_sharding(mesh, batch_axis=1)),
+                    out_shardings=(replicated, replicated), donate_argnums=(0,),
+                    compiler_options=runtime.step_compiler_options())
+  return step_fn, traces
+
+
 # ---------------------------------------------------------------------------
-# The loop.
+# The loop and its policies.
 
 
 def _crossed(before: int, after: int, every: int) -> bool:
@@ -254,16 +215,9 @@ def _steps_per_call(config, start_step: int) -> int:
   return k
 
 
-def _host_metrics(pending: list[tuple[int, dict[str, jax.Array]]]) -> tuple[list[int], dict[str, np.ndarray]]:
-  """Device metrics of past calls -> (steps, {name: [n] NumPy}) in step order."""
-  steps, values = [], {}
-  for first_step, metrics in pending:
-    host = jax.device_get(metrics)
-    n = len(next(iter(host.values())))
-    steps.extend(range(first_step + 1, first_step + n + 1))
-    for k, v in host.items():
-      values.setdefault(k, []).append(np.asarray(v))
-  return steps, {k: np.concatenate(v) for k, v in values.items()}
+def _kept(last_saved: int | None) -> str:
+  return (f'the last checkpoint (step {last_saved}) is intact' if last_saved is not None
+          else 'no checkpoint was written')
 
 
 def _first_bad_step(steps: list[int], values: dict[str, np.ndarray], last_saved: int | None) -> None:
@@ -273,8 +227,6 @@ def _first_bad_step(steps: list[int], values: dict[str, np.ndarray], last_saved:
   if not bad.any():
     return
   i = int(np.argmax(bad))
-  kept = (f'the last checkpoint (step {last_saved}) is intact' if last_saved is not None
-          else 'no checkpoint was written')
   if not np.isfinite(values['loss'][i]):
     what = f'Loss is {values["loss"][i]} at step {steps[i]}'
   elif not np.isfinite(values['grad_norm'][i]):
@@ -282,66 +234,134 @@ def _first_bad_step(steps: list[int], values: dict[str, np.ndarray], last_saved:
   else:
     what = f'The update of step {steps[i]} made the parameters non-finite'
   raise NonFiniteLossError(
-      f'{what}; training stopped without saving it and {kept}. '
+      f'{what}; training stopped without saving it and {_kept(last_saved)}. '
       'Try a lower optim.lr, a stronger optim.grad_clip or float32 compute.')
 
 
-def _describe_run(config, abstract: train_state.TrainState, pipeline, workdir: str,
-                  resumed: int | None) -> None:
-  """The first log lines: what is trained, on what, from where."""
-  num_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract.params))
-  devices = jax.devices()
-  logging.info('Training %s: %s parameters, %d %s device(s) in %d process(es), global batch %d.',
-               config.model.get('name', 'unet'), f'{num_params:,}', len(devices),
-               devices[0].platform, jax.process_count(), int(config.training.batch_size))
-  logging.info('Data: %s, split %r, %d images of %dx%dx%d.', config.data.dataset,
-               config.data.split, len(pipeline.source), int(config.data.image_size),
-               int(config.data.image_size), int(config.data.channels))
-  start = (f'resuming from checkpoint {resumed}' if resumed is not None
-           else 'starting from step 0')
-  logging.info('Workdir %s: %s, training to step %d. Logs: metrics.jsonl there; '
-               'TensorBoard: pip install tensorboard && tensorboard --logdir %s', workdir,
-               start, int(config.training.num_train_steps), workdir)
+class _Saves:
+  """The save policy: only finite states reach disk, and a failed save (at once or in
+  Orbax's background) becomes a SaveError naming the last good checkpoint."""
+
+  def __init__(self, ckpt: checkpoint.Checkpointer, workdir: str, last_saved: int | None):
+    self._ckpt, self._workdir = ckpt, workdir
+    self.last_saved = last_saved  # the newest checkpoint saved or restored
+    self._saving = None  # the newest save this run started
+
+  @contextlib.contextmanager
+  def _reported(self):
+    try:
+      yield
+    except checkpoint.CheckpointError as e:
+      good = checkpoint.saved_steps(self._workdir)
+      raise SaveError(
+          f'Checkpoint {self._saving}: {e}. The last good checkpoint is '
+          + (f'step {good[-1]}' if good else 'none') + '; free the space (or fix the cause) '
+          'and rerun the same command to resume from it.') from e
+
+  def check(self) -> None:
+    """Raises a failed background save."""
+    with self._reported():
+      self._ckpt.check_for_errors()
+
+  def save(self, step: int, state: train_state.TrainState) -> None:
+    """Saves a finite state; a non-finite one (e.g. NaN in the Adam moments) never reaches disk."""
+    with self._reported():
+      bad = checkpoint.nonfinite_values(state)
+      if bad:
+        raise NonFiniteLossError(
+            f'The state at step {step} holds non-finite values '
+            f'({checkpoint.describe_nonfinite(bad)}); it was not saved and '
+            f'{_kept(self.last_saved)}.')
+      self._ckpt.save(step, state, force=True)
+    self.last_saved = self._saving = step
+
+  def finish(self, step: int, state: train_state.TrainState, *, stopped: bool) -> None:
+    """Saves the last step (unless saved, or a signal stopped the run) and waits for all saves."""
+    with self._reported():
+      if step not in self._ckpt.all_steps() and not stopped:
+        self.save(step, state)
+      self._ckpt.wait()
 
 
-def _evaluate_and_log(config, model, schedule, state, mesh, workdir, writer, step) -> None:
-  logging.info('Evaluating at step %d (held-out bits/dim, %d samples for FID-style metrics)...',
-               step, int(config.eval.num_samples))
-  began = time.perf_counter()
-  results = evaluate(config, model, schedule, state, mesh, workdir)
-  figures = ', '.join(f'{name} {value:.4g}' for name, value in sorted(results.items()))
-  logging.info('Evaluation at step %d took %.0f s: %s.', step, time.perf_counter() - began,
-               figures or 'no metric applies to this config')
-  if results:
-    writer.write(step, {f'eval/{name}': float(v) for name, v in results.items()})
+class _Run(NamedTuple):
+  """What the loop runs with, built once before the first step."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: jax.sharding.Mesh
+  model: Any
+  schedule: schedules.Schedule
+  step_fn: Callable  # (state, batches) -> (state, metrics); donates the state
+  batches: Iterator[dict[str, Any]]
+  writer: train_io.MetricWriter
+  progress: train_io.Progress
+  log: train_io.MetricLog
+  saves: _Saves
 
 
-def _save(ckpt: checkpoint.Checkpointer, step: int, state: train_state.TrainState,
-          last_saved: int | None) -> None:
-  """Saves a finite state; a non-finite one (e.g. NaN in the Adam moments) never reaches disk."""
-  bad = checkpoint.nonfinite_values(state)
-  if bad:
-    kept = (f'the last checkpoint (step {last_saved}) is intact' if last_saved is not None
-            else 'no checkpoint was written')
-    raise NonFiniteLossError(
-        f'The state at step {step} holds non-finite values ({checkpoint.describe_nonfinite(bad)}); '
-        f'it was not saved and {kept}.')
-  ckpt.save(step, state, force=True)
+def _hooks(run: _Run, state: train_state.TrainState, before: int, step: int) -> None:
+  """The sample grid and the evaluation due in (before, step], with the EMA parameters."""
+  config = run.config
+  if _crossed(before, step, int(config.training.sample_every)):
+    images = sample_grid(config, state.ema_params, run.mesh)
+    if parallel.is_main_process():
+      os.makedirs(os.path.join(run.workdir, 'samples'), exist_ok=True)
+      grid = images_lib.image_grid(images)
+      images_lib.save_png(grid, os.path.join(run.workdir, 'samples', f'step_{step:06d}.png'))
+      run.writer.image(step, 'samples', grid)
+  if _crossed(before, step, int(config.training.eval_every)):
+    logging.info('Evaluating at step %d (held-out bits/dim, %d samples for FID-style metrics)...',
+                 step, int(config.eval.num_samples))
+    began = time.perf_counter()
+    results = evaluate(config, run.model, run.schedule, state, run.mesh, run.workdir)
+    figures = ', '.join(f'{name} {value:.4g}' for name, value in sorted(results.items()))
+    logging.info('Evaluation at step %d took %.0f s: %s.', step, time.perf_counter() - began,
+                 figures or 'no metric applies to this config')
+    if results:
+      run.writer.write(step, {f'eval/{name}': float(v) for name, v in results.items()})
 
 
-def _untouched(message: str, workdir: str) -> str:
-  steps = checkpoint.saved_steps(workdir)
-  if not steps:
-    return message
-  return f'{message} The checkpoints are untouched (newest: step {steps[-1]}).'
+def _loop(run: _Run, state: train_state.TrainState,
+          step: int) -> tuple[train_state.TrainState, int, int | None]:
+  """Trains from `step` to training.num_train_steps; returns (state, step, stopped_by).
+
+  Each call runs `_steps_per_call` steps; at log and checkpoint steps the metrics are
+  checked (and logged) and the state saved. SIGTERM / SIGINT save and stop at the next
+  call boundary, every process at the same step; stopped_by is the signal number or None.
+  """
+  t = run.config.training
+  total = int(t.num_train_steps)
+  k = _steps_per_call(run.config, step)
+  with train_io.StopSignal() as stop:
+    while step < total:
+      run.saves.check()  # a failed background save surfaces here, at once
+      n = min(k, total - step)
+      host = data_lib.stack_batches([next(run.batches) for _ in range(n)])
+      state, metrics = run.step_fn(state, parallel.host_to_global(host, run.mesh, batch_axis=1))
+      run.log.add(step, metrics)
+      before, step = step, step + n
+      run.progress.advance(n)
+
+      log_now = _crossed(before, step, int(t.log_every))
+      save_now = _crossed(before, step, int(t.checkpoint_every)) or step == total
+      # Across processes, asking costs a host sync; do it where the loop syncs anyway.
+      stop_now = (jax.process_count() == 1 or log_now or save_now) and stop.requested()
+      if log_now or save_now or stop_now:
+        steps, values = run.log.fetch()
+        _first_bad_step(steps, values, run.saves.last_saved)
+        if log_now:
+          run.log.write(step, values)
+      if save_now or stop_now:
+        run.saves.save(step, state)
+      with run.log.paused():
+        _hooks(run, state, before, step)
+      if stop_now:
+        logging.warning('Stopped by signal at step %d; checkpoint saved.', step)
+        return state, step, stop.signum if stop.signum is not None else signal.SIGTERM
+  return state, step, None
 
 
-def _save_failed(error: checkpoint.CheckpointError, step: int | None, workdir: str) -> SaveError:
-  good = checkpoint.saved_steps(workdir)
-  return SaveError(
-      f'Checkpoint {step}: {error}. The last good checkpoint is '
-      + (f'step {good[-1]}' if good else 'none') + '; free the space (or fix the cause) and '
-      'rerun the same command to resume from it.')
+# ---------------------------------------------------------------------------
+# The run: checks, setup, loop, finish.
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -361,182 +381,69 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise TrainError('workdir is empty; name the run directory, e.g. --workdir=runs/NAME.')
   workdir = os.path.abspath(workdir)
   check_config(config)
-  try:
+  with _as_train_error(data_lib.DatasetError):
     pipeline = data_lib.create_train_pipeline(
         config, process_index=jax.process_index(), process_count=jax.process_count())
-  except data_lib.DatasetError as e:
-    raise TrainError(str(e)) from e
-  try:
+  with _as_train_error(workdir_lib.WorkdirError):
     workdir_lib.check_writable(workdir)
-  except workdir_lib.WorkdirError as e:
-    raise TrainError(str(e)) from e
-  try:
+  with _as_train_error(workdir_lib.WorkdirError, workdir=workdir):
     lock = workdir_lib.lock(workdir)
-  except workdir_lib.WorkdirError as e:
-    raise TrainError(_untouched(str(e), workdir)) from e
   try:
-    return _train_locked(config, workdir, pipeline)
+    with _as_train_error(workdir_lib.WorkdirError):
+      workdir_lib.check_compatible(config, workdir,
+                                   has_checkpoints=bool(checkpoint.saved_steps(workdir)))
+    return _train(config, workdir, pipeline)
   finally:
     if lock is not None:
       lock.release()
 
 
-def _train_locked(config, workdir: str, pipeline) -> dict[str, Any]:
-  try:
-    workdir_lib.check_compatible(config, workdir,
-                                 has_checkpoints=bool(checkpoint.saved_steps(workdir)))
-  except workdir_lib.WorkdirError as e:
-    raise TrainError(str(e)) from e
+def _train(config, workdir: str, pipeline) -> dict[str, Any]:
+  """Setup, `_loop` and the finish on a locked, checked workdir; the summary."""
   main = parallel.is_main_process()
   mesh = parallel.make_mesh()
-  replicated = parallel.replicated(mesh)
-  model = factories.create_model(config)
-  schedule = factories.schedule(config)
-  # Initialisation runs once: compiling it with less LLVM optimisation saves
-  # more time than its execution loses.
-  init_fn = jax.jit(lambda key: train_state.create_train_state(config, model, key),
-                    out_shardings=replicated, compiler_options=models.INIT_COMPILER_OPTIONS)
-  abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(int(config.seed)))
-  abstract = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
-
+  model, schedule = factories.create_model(config), factories.schedule(config)
+  init_fn, abstract = _state_init(config, model, mesh)
   ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir),
                                  keep=int(config.training.keep_checkpoints))
+  total = int(config.training.num_train_steps)
   writer = progress = batches = None
   try:
-    try:
-      restored = workdir_lib.restore_newest(ckpt, abstract, workdir)
-    except workdir_lib.WorkdirError as e:
-      raise TrainError(str(e)) from e
-    latest = None if restored is None else restored[0]
-    _describe_run(config, abstract, pipeline, workdir, latest)
-    state = init_fn(jax.random.PRNGKey(int(config.seed))) if restored is None else restored[1]
-    if main:
-      try:
-        workdir_lib.write_config(workdir, config)
-      except workdir_lib.WorkdirError as e:
-        raise TrainError(_untouched(str(e), workdir)) from e
-
-    step = int(jax.device_get(state.step))
-    total = int(config.training.num_train_steps)
-    k = _steps_per_call(config, step)
-    traces = [0]
-    train_steps = make_train_step(config, model, schedule)
-
-    def counted(state, batches):
-      traces[0] += 1  # runs at trace time only
-      return train_steps(state, batches)
-
-    # The state is donated: its buffers are reused for the new state.
-    step_fn = jax.jit(
-        counted,
-        in_shardings=(replicated, parallel.data_sharding(mesh, batch_axis=1)),
-        out_shardings=(replicated, replicated),
-        donate_argnums=(0,),
-        compiler_options=runtime.step_compiler_options())
-
+    state, resumed = _restore_or_init(config, workdir, pipeline, ckpt, init_fn, abstract)
+    start = int(jax.device_get(state.step))
+    step_fn, traces = _compile_step(config, model, schedule, mesh)
     writer = train_io.MetricWriter(workdir, main)
-    progress = train_io.Progress(step, total, main)
-    t = config.training
-    start_step = step
-    last_saved, saving = latest, None
-    logged_loss = None
-    pending = []
-    log_time, log_step = time.perf_counter(), step
-    batches = pipeline.iterate(step)
-    stopped_by = None
-    with train_io.StopSignal() as stop:
-      while step < total:
-        try:
-          ckpt.check_for_errors()  # a failed background save surfaces here, at once
-        except checkpoint.CheckpointError as e:
-          raise _save_failed(e, saving, workdir) from e
-        n = min(k, total - step)
-        host = data_lib.stack_batches([next(batches) for _ in range(n)])
-        state, metrics = step_fn(state, parallel.host_to_global(host, mesh, batch_axis=1))
-        pending.append((step, metrics))
-        before, step = step, step + n
-        progress.advance(n)
-
-        log_now = _crossed(before, step, int(t.log_every))
-        save_now = _crossed(before, step, int(t.checkpoint_every)) or step == total
-        # Across processes, asking costs a host sync; do it where the loop syncs anyway.
-        stop_now = ((jax.process_count() == 1 or log_now or save_now)
-                    and stop.requested())
-        if log_now or save_now or stop_now:
-          steps, values = _host_metrics(pending)
-          pending = []
-          _first_bad_step(steps, values, last_saved)
-          if log_now:
-            now = time.perf_counter()
-            rate = (step - log_step) / max(now - log_time, 1e-9)
-            logged = {name: float(np.mean(v[-(step - log_step):]))
-                      for name, v in values.items() if name != 'finite'}
-            logged['lr'] = float(values['lr'][-1])
-            logged.update(steps_per_sec=rate, images_per_sec=rate * int(t.batch_size))
-            writer.write(step, logged)
-            progress.log(step, logged)
-            logged_loss = (logged['loss'], step - log_step)
-            log_time, log_step = now, step
-        if save_now or stop_now:
-          try:
-            _save(ckpt, step, state, last_saved)
-          except checkpoint.CheckpointError as e:
-            raise _save_failed(e, saving, workdir) from e
-          last_saved = saving = step
-        paused = time.perf_counter()
-        if _crossed(before, step, int(t.sample_every)):
-          images = sample_grid(config, state.ema_params, mesh)
-          if main:
-            os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
-            grid = images_lib.image_grid(images)
-            images_lib.save_png(grid, os.path.join(workdir, 'samples', f'step_{step:06d}.png'))
-            writer.image(step, 'samples', grid)
-        if _crossed(before, step, int(t.eval_every)):
-          _evaluate_and_log(config, model, schedule, state, mesh, workdir, writer, step)
-        # Sample grids and evaluations are not training: keep them out of steps/s and the ETA.
-        log_time += time.perf_counter() - paused
-        if stop_now:
-          stopped_by = stop.signum if stop.signum is not None else signal.SIGTERM
-          logging.warning('Stopped by signal at step %d; checkpoint saved.', step)
-          break
-    if pending:
-      steps, values = _host_metrics(pending)
-      _first_bad_step(steps, values, last_saved)
-    try:
-      if step not in ckpt.all_steps() and stopped_by is None:
-        _save(ckpt, step, state, last_saved)
-        saving = step
-      ckpt.wait()
-    except checkpoint.CheckpointError as e:
-      raise _save_failed(e, saving, workdir) from e
+    progress = train_io.Progress(start, total, main)
+    batches = pipeline.iterate(start)
+    log = train_io.MetricLog(writer, progress, start, int(config.training.batch_size))
+    saves = _Saves(ckpt, workdir, resumed)
+    run = _Run(config, workdir, mesh, model, schedule, step_fn, batches, writer, progress,
+               log, saves)
+    state, step, stopped_by = _loop(run, state, start)
+    steps, values = log.fetch()  # the steps after the last log or save
+    if steps:
+      _first_bad_step(steps, values, saves.last_saved)
+    saves.finish(step, state, stopped=stopped_by is not None)
     if traces[0] > 1:
       logging.warning('The train step was traced %d times (expected once).', traces[0])
-    _log_finish(step, total, start_step, logged_loss)
-    return {'step': step, 'loss': None if logged_loss is None else logged_loss[0],
-            'trained_steps': step - start_step, 'train_step_traces': traces[0],
+    train_io.log_finish(step, total, start, log.last)
+    return {'step': step, 'loss': None if log.last is None else log.last[0],
+            'trained_steps': step - start, 'train_step_traces': traces[0],
             'stopped_by': stopped_by}
   finally:
-    if batches is not None:
-      batches.close()  # stops the prefetching threads
-    try:
-      ckpt.close()
-    except checkpoint.CheckpointError as e:
-      # Already reported by ckpt.wait() above, or another error is on its way out.
-      logging.warning('While closing the checkpointer: %s', e)
-    if writer is not None:
-      writer.close()
-    if progress is not None:
-      progress.close()
+    _close(batches, ckpt, writer, progress)
 
 
-def _log_finish(step: int, total: int, start_step: int, logged_loss) -> None:
-  if step == start_step:
-    logging.info('Nothing to train: the workdir is at step %d and training.num_train_steps '
-                 'is %d. Raise it to train longer.', step, total)
-  elif logged_loss is None:
-    logging.info('Finished at step %d (trained %d steps, fewer than training.log_every).',
-                 step, step - start_step)
-  else:
-    logging.info('Finished at step %d: mean loss %.5f over the last %d steps.',
-                 step, logged_loss[0], logged_loss[1])
+def _close(batches, ckpt: checkpoint.Checkpointer, writer, progress) -> None:
+  """Stops the prefetching threads and closes the checkpointer and writers, on any exit."""
+  if batches is not None:
+    batches.close()
+  try:
+    ckpt.close()
+  except checkpoint.CheckpointError as e:
+    # Already reported by `_Saves.finish`, or another error is on its way out.
+    logging.warning('While closing the checkpointer: %s', e)
+  if writer is not None:
+    writer.close()
+  if progress is not None:
+    progress.close()

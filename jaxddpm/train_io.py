@@ -2,6 +2,9 @@
 
 - `MetricWriter`: metrics.jsonl (one JSON object per log step) and TensorBoard
   events in the workdir, on process 0.
+- `MetricLog`: the metrics of each train call, kept on the device until the loop
+  fetches them, averaged over each log interval and written.
+- `describe_run`, `log_finish`: the first and the last log lines of a run.
 - `Progress`: a tqdm bar on a terminal, and a log line with the ETA at every
   log step whether or not there is one.
 - `StopSignal`: records SIGTERM / SIGINT so the loop can save and stop at the
@@ -14,13 +17,15 @@ import json
 import os
 import signal
 import sys
+import contextlib
 import threading
+import time
 
 from absl import logging
+import jax
 import numpy as np
 
 from jaxddpm import parallel
-
 
 
 class MetricWriter:
@@ -81,6 +86,84 @@ class Progress:
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()
+
+
+class MetricLog:
+  """The metrics of each train call, held on the device until the loop fetches them (a
+  fetch syncs the host: the loop does it at log, save and stop steps only), then
+  averaged over the log interval and written to the writer and the progress line."""
+
+  def __init__(self, writer: MetricWriter, progress: Progress, step: int, batch_size: int):
+    self._writer, self._progress, self._batch_size = writer, progress, batch_size
+    self._pending = []
+    self._time, self._step = time.perf_counter(), step
+    self.last = None  # (mean loss, steps) of the last logged interval
+
+  def add(self, first_step: int, metrics: dict[str, jax.Array]) -> None:
+    """Metrics of the call that ran steps first_step + 1, ...: {name: [n]} device arrays."""
+    self._pending.append((first_step, metrics))
+
+  def fetch(self) -> tuple[list[int], dict[str, np.ndarray]]:
+    """The metrics added since the last fetch: (steps, {name: [n] NumPy}) in step order."""
+    steps, values = [], {}
+    for first_step, metrics in self._pending:
+      host = jax.device_get(metrics)
+      n = len(next(iter(host.values())))
+      steps.extend(range(first_step + 1, first_step + n + 1))
+      for k, v in host.items():
+        values.setdefault(k, []).append(np.asarray(v))
+    self._pending = []
+    return steps, {k: np.concatenate(v) for k, v in values.items()}
+
+  def write(self, step: int, values: dict[str, np.ndarray]) -> None:
+    """Writes the means over the steps since the last write, the last lr, and the speed."""
+    now = time.perf_counter()
+    rate = (step - self._step) / max(now - self._time, 1e-9)
+    logged = {name: float(np.mean(v[-(step - self._step):]))
+              for name, v in values.items() if name != 'finite'}
+    logged['lr'] = float(values['lr'][-1])
+    logged.update(steps_per_sec=rate, images_per_sec=rate * self._batch_size)
+    self._writer.write(step, logged)
+    self._progress.log(step, logged)
+    self.last = (logged['loss'], step - self._step)
+    self._time, self._step = now, step
+
+  @contextlib.contextmanager
+  def paused(self):
+    """Sample grids and evaluations are not training: keep them out of steps/s and the ETA."""
+    began = time.perf_counter()
+    yield
+    self._time += time.perf_counter() - began
+
+
+def describe_run(config, num_params: int, num_images: int, workdir: str,
+                 resumed: int | None) -> None:
+  """The first log lines: what is trained, on what, from where."""
+  devices = jax.devices()
+  logging.info('Training %s: %s parameters, %d %s device(s) in %d process(es), global batch %d.',
+               config.model.get('name', 'unet'), f'{num_params:,}', len(devices),
+               devices[0].platform, jax.process_count(), int(config.training.batch_size))
+  logging.info('Data: %s, split %r, %d images of %dx%dx%d.', config.data.dataset,
+               config.data.split, num_images, int(config.data.image_size),
+               int(config.data.image_size), int(config.data.channels))
+  start = (f'resuming from checkpoint {resumed}' if resumed is not None
+           else 'starting from step 0')
+  logging.info('Workdir %s: %s, training to step %d. Logs: metrics.jsonl there; '
+               'TensorBoard: pip install tensorboard && tensorboard --logdir %s', workdir,
+               start, int(config.training.num_train_steps), workdir)
+
+
+def log_finish(step: int, total: int, start_step: int, logged_loss) -> None:
+  """The last log line: how far the run got and its last logged mean loss (`MetricLog.last`)."""
+  if step == start_step:
+    logging.info('Nothing to train: the workdir is at step %d and training.num_train_steps '
+                 'is %d. Raise it to train longer.', step, total)
+  elif logged_loss is None:
+    logging.info('Finished at step %d (trained %d steps, fewer than training.log_every).',
+                 step, step - start_step)
+  else:
+    logging.info('Finished at step %d: mean loss %.5f over the last %d steps.',
+                 step, logged_loss[0], logged_loss[1])
 
 
 def _duration(seconds: float) -> str:

@@ -390,6 +390,32 @@ def test_training_hook_and_run_metrics(tmp_path, digits_cnn_cache):
     evaluation.prepare_run_metrics(tmp_path, 'fid', inception_weights=str(tmp_path / 'no.pth'))
 
 
+def test_training_metrics_score_what_the_sample_fn_returns(tmp_path, digits_cnn_cache):
+  """The evaluator samples only through the sample_fn it is given (DESIGN.md): one call for
+  config.eval.num_samples images, whose metrics are those of `compute_metrics`."""
+  from jaxddpm import checkpoint  # pylint: disable=g-import-not-at-top
+  config = _tiny_run(tmp_path, digits_cnn_cache)
+  config.eval.num_samples = 20
+  config.eval.bpd_num_examples = 0
+  images = np.random.default_rng(1).integers(0, 256, (20, 8, 8, 1), dtype=np.uint8)
+  calls = []
+
+  def sample_fn(num_samples, key):
+    calls.append((num_samples, key))
+    return images
+
+  got = evaluation.training_metrics(
+      config, factories.create_model(config), factories.schedule(config),
+      checkpoint.load_params(str(tmp_path)), parallel.make_mesh(), step=3, sample_fn=sample_fn,
+      workdir=str(tmp_path))
+  assert len(calls) == 1 and calls[0][0] == 20
+  extractor = evaluation.extractor_from_config(config, workdir=str(tmp_path))
+  ref = evaluation.dataset_reference_stats(config, extractor,
+                                           cache_dir=evaluation.eval_dir(str(tmp_path)))
+  assert got == evaluation.scalars(evaluation.compute_metrics(images, ref, extractor=extractor))
+  assert 'bpd' not in got
+
+
 def test_run_sample_without_inception_weights_fails_before_sampling(tmp_path):
   from configs import cifar as cifar_config  # pylint: disable=g-import-not-at-top
   config = cifar_config.get_config()

@@ -110,3 +110,16 @@ def test_core_imports_no_shell_module(graph):
 
 def test_cycle_finder_finds_a_lazy_cycle():
   assert _cycles({'a': {'b'}, 'b': {'c'}, 'c': {'a'}, 'd': {'a'}}) == [['a', 'b', 'c']]
+
+
+def test_evaluators_reach_neither_the_training_loop_nor_the_sampling_loop(graph):
+  # DESIGN.md: evaluators take a sample_fn; training calls them through hooks.
+  evaluators = [m for m in graph if m.startswith('jaxddpm.evaluation')]
+  assert 'jaxddpm.evaluation.run' in evaluators
+  reached, todo = set(), list(evaluators)
+  while todo:
+    for dep in graph.get(todo.pop(), ()):
+      if dep not in reached:
+        reached.add(dep)
+        todo.append(dep)
+  assert reached & {'jaxddpm.train', 'jaxddpm.sample', 'jaxddpm.train_step'} == set()
