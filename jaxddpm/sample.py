@@ -171,7 +171,6 @@ def load_run(workdir: str, *, ema: bool = True, step: int | None = None) -> Run:
   return Run(*runs.load_run(workdir, ema=ema, step=step))
 
 
-
 def _inpainting_inputs(config, steps: int, image_path, mask_path, *, inpaint_resample: int,
                        inpaint_jump_length: int) -> tuple[np.ndarray, np.ndarray] | None:
   """The (image, mask) to inpaint, or None; RePaint's settings checked before any compiling."""
@@ -189,7 +188,6 @@ def _inpainting_inputs(config, steps: int, image_path, mask_path, *, inpaint_res
     raise SampleError(f'inpaint_resample = {resample}, inpaint_jump_length = '
                       f'{jump_length}: {e}') from None
   return inpainting
-
 
 
 def _load_ema(workdir: str):

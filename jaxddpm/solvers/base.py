@@ -39,7 +39,8 @@ class Grid:
   times, Karras sigmas).
 
   alpha, sigma: float32 [N + 1]; alpha[N] = 1, sigma[N] = 0.
-  beta: float32 [N], beta_i = 1 - abar_i / abar_{i+1}: the one-step forward transition
+  beta: float32 [N], beta_i = 1 - abar_i / abar_{i+1} (abar_j = alpha_j^2, computed in
+    float64 where the grid is made): the one-step forward transition
     q(x_i | x_{i+1}) = N(sqrt(1 - beta_i) x_{i+1}, beta_i I) (RePaint's renoising, Lugmayr
     et al. 2022, Algorithm 1 line 13).
   """
@@ -134,12 +135,22 @@ class DiscreteSolver:
     del key  # the start is x_T itself
     return SolverState(x=x_T)
 
-  def p_mean_variance(self, model_fn, x: jax.Array, t: jax.Array, cond) -> dict[str, jax.Array]:
-    """`diffusion.p_mean_variance` at the scalar index t for the whole batch x [B, ...]."""
-    tb = jnp.full((x.shape[0],), t, jnp.int32)
-    return diffusion.p_mean_variance(
-        model_fn, self.schedule, x, tb, model_mean_type=self.model_mean_type,
-        model_var_type=self.model_var_type, clip_denoised=self.clip_denoised, cond=cond)
+  def step_terms(self, model_fn, x: jax.Array, i, key: jax.Array, cond):
+    """What step i of DDPM and DDIM starts from, for x [B, ...] at index t = times[i].
+
+    Returns:
+      (t, out, noise, not_last): out is `diffusion.p_mean_variance` at t for the whole batch;
+      noise ~ N(0, I) [B, ...] from the solver half of key (`split_op_key`); not_last is
+      float 0 at t = 0 (x_0 gets no noise), else 1.
+    """
+    t = self.times[i]
+    noise_key, _ = split_op_key(key)
+    out = diffusion.p_mean_variance(
+        model_fn, self.schedule, x, jnp.full((x.shape[0],), t, jnp.int32),
+        model_mean_type=self.model_mean_type, model_var_type=self.model_var_type,
+        clip_denoised=self.clip_denoised, cond=cond)
+    noise = jax.random.normal(noise_key, x.shape, x.dtype)
+    return t, out, noise, (t > 0).astype(x.dtype)
 
 
 def discrete_fields(schedule: schedules_lib.Schedule, *, model_mean_type: str,

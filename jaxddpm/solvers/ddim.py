@@ -26,12 +26,7 @@ class DDIM(base.DiscreteSolver):
 
   def step(self, model_fn, state: base.SolverState, i, key, cond) -> base.SolverState:
     """x_t -> x_{t-1} at t = times[i]; x [B, ...] float32."""
-    x = state.x
-    t = self.times[i]
-    noise_key, _ = base.split_op_key(key)
-    out = self.p_mean_variance(model_fn, x, t, cond)
-    noise = jax.random.normal(noise_key, x.shape, x.dtype)
-    not_last = (t > 0).astype(x.dtype)
+    t, out, noise, not_last = self.step_terms(model_fn, state.x, i, key, cond)
     abar = self.schedule.alphas_cumprod[t]
     abar_prev = self.schedule.alphas_cumprod_prev[t]
     sigma = (self.eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar))

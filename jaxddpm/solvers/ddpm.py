@@ -10,7 +10,6 @@ of improved DDPM (Nichol & Dhariwal 2021, eq. 15); see `diffusion.p_mean_varianc
 from __future__ import annotations
 
 import flax
-import jax
 import jax.numpy as jnp
 
 from jaxddpm import schedules as schedules_lib
@@ -23,12 +22,7 @@ class DDPM(base.DiscreteSolver):
 
   def step(self, model_fn, state: base.SolverState, i, key, cond) -> base.SolverState:
     """x_t -> x_{t-1} at t = times[i]; x [B, ...] float32."""
-    x = state.x
-    t = self.times[i]
-    noise_key, _ = base.split_op_key(key)
-    out = self.p_mean_variance(model_fn, x, t, cond)
-    noise = jax.random.normal(noise_key, x.shape, x.dtype)
-    not_last = (t > 0).astype(x.dtype)  # x_0 is the mean
+    _, out, noise, not_last = self.step_terms(model_fn, state.x, i, key, cond)
     return state.replace(x=out['mean'] + not_last * jnp.exp(0.5 * out['log_variance']) * noise)
 
 
