@@ -112,14 +112,14 @@ class Plan:
     return State(solver=self.solver.init(x, init_key), key=key, cond=dict(cond or {}))
 
 
-def make_plan(solver, ops: tuple[np.ndarray, np.ndarray] | None = None, *,
+def make_plan(solver, operations: tuple[np.ndarray, np.ndarray] | None = None, *,
               extra_ops: tuple[Callable, ...] = (), num_chunks: int = 10,
               chunk_length: int | None = None, intermediate_every: int = 0) -> Plan:
   """The plan that runs `solver`, in chunks. Host-side (the arguments are static).
 
   Args:
     solver: a solver (`base.Solver`).
-    ops: (index, codes), int arrays [K]; default: steps 0, 1, ..., N - 1.
+    operations: (index, codes), int arrays [K]; default: steps 0, 1, ..., N - 1.
     extra_ops: the functions of the codes above OP_STEP (see `Plan`).
     num_chunks: the plan is split into about this many equal chunks (for progress).
     chunk_length: or give the chunk length directly.
@@ -128,10 +128,10 @@ def make_plan(solver, ops: tuple[np.ndarray, np.ndarray] | None = None, *,
   """
   if intermediate_every < 0:
     raise ValueError(f'intermediate_every must be >= 0, got {intermediate_every}')
-  if ops is None:
+  if operations is None:
     num_steps = solver.grid.num_steps
-    ops = (np.arange(num_steps), np.full(num_steps, OP_STEP))
-  index, codes = (np.asarray(a, np.int32) for a in ops)
+    operations = (np.arange(num_steps), np.full(num_steps, OP_STEP))
+  index, codes = (np.asarray(a, np.int32) for a in operations)
   num_ops = index.shape[0]
   if chunk_length is None:
     chunk_length = math.ceil(num_ops / max(1, min(num_chunks, num_ops)))
