@@ -27,10 +27,11 @@ from absl import flags
 
 from jaxddpm import config_utils
 from jaxddpm import parallel
-from jaxddpm import samplers
+from jaxddpm import solvers
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (config.json + checkpoints/).')
-_SAMPLER = flags.DEFINE_enum('sampler', None, list(samplers.SAMPLERS), 'Ancestral DDPM or DDIM.')
+_SAMPLER = flags.DEFINE_enum('sampler', None, list(solvers.SOLVERS),
+                             'The solver (jaxddpm.solvers): ancestral DDPM or DDIM.')
 _STEPS = flags.DEFINE_integer('steps', None, 'Denoising steps (fewer than T respaces).')
 _ETA = flags.DEFINE_float('eta', None, "DDIM's eta in [0, 1].")
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', None, 'Number of samples.')

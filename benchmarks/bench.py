@@ -10,7 +10,7 @@ parameter CIFAR-10 U-Net) it measures, on JAX's default device:
 - the train step: the jitted step of `jaxddpm.train.make_train_step` (noise and
   timestep draws, loss, gradient, clipping, Adam and the EMA update), state
   donated, as `train.train_and_evaluate` runs it;
-- the sampling step: one DDIM (or DDPM) step of `jaxddpm.samplers`, timed as a
+- the sampling step: one DDIM (or DDPM) step of `jaxddpm.solvers`, timed as a
   `run_chunk` of --sample_steps steps;
 - compile time, and peak memory: XLA's own account of each compiled program
   (arguments + outputs + temporaries) and the process's peak (host RSS on the
@@ -62,7 +62,10 @@ _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls; the median is report
 _WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed calls after compilation.')
 _STEPS_PER_CALL = flags.DEFINE_integer('steps_per_call', 1,
                                        'Train steps per jitted call (lax.scan), as training.steps_per_call.')
-_SAMPLER = flags.DEFINE_enum('sampler', 'ddim', ['ddim', 'ddpm'], 'Sampler of the sampling step.')
+# The solvers of jaxddpm.solvers.SOLVERS that have a diffusers scheduler to compare with.
+_DIFFUSERS_SCHEDULERS = {'ddim': 'DDIMScheduler', 'ddpm': 'DDPMScheduler'}
+_SAMPLER = flags.DEFINE_enum('sampler', 'ddim', list(_DIFFUSERS_SCHEDULERS),
+                             'Solver of the sampling step.')
 _SAMPLE_STEPS = flags.DEFINE_integer('sample_steps', 5, 'Sampling steps per timed call.')
 _TORCH = flags.DEFINE_bool('torch', True, 'Also time diffusers\' UNet2DModel when it imports.')
 _TORCH_COMPILE = flags.DEFINE_bool('torch_compile', True, 'Also time it under torch.compile.')
@@ -257,7 +260,7 @@ def setup_jaxddpm(config, batch, steps_per_call, sampler, sample_steps, compiler
   """Compiles jaxddpm's train step and sampling step; returns figures and the step calls."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jaxddpm import factories, models, parallel, samplers, train, train_state  # pylint: disable=g-import-not-at-top
+  from jaxddpm import factories, models, parallel, solvers, train, train_state  # pylint: disable=g-import-not-at-top
 
   device = jax.devices()[0]
   mesh = parallel.make_mesh([device])
@@ -310,11 +313,11 @@ def setup_jaxddpm(config, batch, steps_per_call, sampler, sample_steps, compiler
   result['forward_xla_flops'] = xla_flops(forward) / batch
 
   # Sampling step: a run_chunk of sample_steps steps, compiled once.
-  plan = samplers.make_sampler(schedule, sampler=sampler, num_steps=sample_steps,
-                               chunk_length=sample_steps)
+  plan = solvers.make_plan(solvers.make_solver(schedule, sampler, num_steps=sample_steps),
+                           chunk_length=sample_steps)
   sample_state = plan.init(jax.random.key(1), (batch, size, size, channels))
   start = time.perf_counter()
-  run = jax.jit(samplers.run_chunk, compiler_options=compiler_options).lower(
+  run = jax.jit(solvers.run_chunk, compiler_options=compiler_options).lower(
       plan, model_fn, sample_state, 0).compile()
   result['sample_compile_s'] = time.perf_counter() - start
   result['sample_xla_bytes'] = xla_bytes(run)
@@ -329,7 +332,7 @@ def setup_jaxddpm(config, batch, steps_per_call, sampler, sample_steps, compiler
 def sampling_memory(config, batch, step_counts):
   """[(steps, XLA program bytes, host peak bytes above the start or None)] of whole-plan DDIM runs."""
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxddpm import factories, models, samplers  # pylint: disable=g-import-not-at-top
+  from jaxddpm import factories, models, solvers  # pylint: disable=g-import-not-at-top
 
   host = HostPeak()
   device = jax.devices()[0]
@@ -340,9 +343,10 @@ def sampling_memory(config, batch, step_counts):
   schedule = factories.schedule(config)
   rows = []
   for steps in step_counts:
-    plan = samplers.make_sampler(schedule, sampler='ddim', num_steps=steps, chunk_length=steps)
+    plan = solvers.make_plan(solvers.make_solver(schedule, 'ddim', num_steps=steps),
+                             chunk_length=steps)
     state = plan.init(jax.random.key(1), (batch, size, size, channels))
-    run = jax.jit(samplers.run_chunk).lower(plan, model_fn, state, 0).compile()
+    run = jax.jit(solvers.run_chunk).lower(plan, model_fn, state, 0).compile()
     base = host.reset()
     jax.block_until_ready(run(plan, model_fn, state, 0))
     # The device's peak_bytes_in_use cannot be reset, so only the host's is measured per run.
@@ -420,7 +424,7 @@ def setup_diffusers(config, ucfg, batch, sampler, sample_steps, dtype, compiled,
   abar = torch.as_tensor(diffusers.DDPMScheduler(**sched_kwargs).alphas_cumprod, device=dev)
   x0 = torch.rand(shape, device=dev) * 2 - 1
   y = torch.randint(0, ucfg.num_classes, (batch,), device=dev) if ucfg.num_classes else None
-  scheduler = (diffusers.DDIMScheduler if sampler == 'ddim' else diffusers.DDPMScheduler)(**sched_kwargs)
+  scheduler = getattr(diffusers, _DIFFUSERS_SCHEDULERS[sampler])(**sched_kwargs)
   scheduler.set_timesteps(sample_steps)
   x_T = torch.randn(shape, device=dev)
 

@@ -1,6 +1,6 @@
 """jaxddpm: Denoising Diffusion Probabilistic Models in JAX/Flax.
 
-The core (schedules, diffusion math, the U-Net, samplers) is pure and jit-able;
+The core (schedules, diffusion math, the U-Net, solvers) is pure and jit-able;
 the shell (data, training loop, checkpoints, CLIs) does the I/O.
 """
 

@@ -23,8 +23,8 @@ import numpy as np
 from jaxddpm import diffusion
 from jaxddpm import models
 from jaxddpm import objectives
-from jaxddpm import samplers
 from jaxddpm import schedules
+from jaxddpm import solvers
 
 TIMESTEP_SAMPLERS = ('uniform', 'loss_aware')
 DOWNSAMPLE_PADDINGS = ('same', 'symmetric')
@@ -257,7 +257,7 @@ def _validate_sampling(s, num_timesteps):
   p = 'sampling'
   for name in ('sampler', 'train_grid_sampler'):
     if name in s:
-      _choice(s, name, p, samplers.SAMPLERS)
+      _choice(s, name, p, solvers.SOLVERS)
   for name in ('num_steps', 'train_grid_steps'):
     if name in s:
       steps = _int(s, name, p, 2)  # as run_sample.py --steps: a respaced schedule keeps >= 2

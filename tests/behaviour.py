@@ -15,8 +15,8 @@ from jaxddpm import data
 from jaxddpm import diffusion
 from jaxddpm import models
 from jaxddpm import runtime
-from jaxddpm import samplers
 from jaxddpm import schedules
+from jaxddpm import solvers
 from jaxddpm import train
 from jaxddpm import train_state
 from jaxddpm import factories
@@ -48,11 +48,11 @@ def compute() -> dict[str, np.ndarray]:
     float32_respacing = dataclasses.replace(schedule, alphas_cumprod64=None)
     for name, base in (('ddim', schedule), ('ddpm', schedule),
                        ('ddpm_float32_respacing', float32_respacing)):
-      plan = samplers.make_sampler(base, sampler=name[:4], num_steps=10, eta=0.0,
-                                   model_mean_type=types['model_mean_type'],
-                                   model_var_type=types['model_var_type'])
+      plan = solvers.make_plan(solvers.make_solver(
+          base, name[:4], num_steps=10, eta=0.0, model_mean_type=types['model_mean_type'],
+          model_var_type=types['model_var_type']))
       for which in ('params', 'ema_params'):
         model_fn = models.make_model_fn(model, getattr(state, which))
-        out[f'{name}_{which}'] = np.asarray(samplers.sample(
+        out[f'{name}_{which}'] = np.asarray(solvers.sample(
             model_fn, plan, key, shape, compiler_options=runtime.step_compiler_options()))
   return out

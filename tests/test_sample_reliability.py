@@ -14,8 +14,9 @@ import pytest
 
 from configs import tiny
 from jaxddpm import sample
-from jaxddpm import samplers
+from jaxddpm import sample_io
 from jaxddpm import schedules
+from jaxddpm import solvers
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,9 +79,9 @@ def test_default_output_dir_is_named_by_every_setting(tmp_path, make_sample_work
 
   opts = dict(sampler='ddim', steps=50, eta=0.5, seed=3, class_label=None, guidance_scale=2.0,
               num_samples=16, batch_size=8)
-  name = lambda **kw: os.path.basename(sample.default_output_dir('w', opts, step=400, **kw))
+  name = lambda **kw: os.path.basename(sample_io.default_output_dir('w', opts, step=400, **kw))
   assert name() == 'ddim_50steps_eta0.5_seed3_guidance2_n16_batch8_step400'
-  assert os.path.basename(sample.default_output_dir(
+  assert os.path.basename(sample_io.default_output_dir(
       'w', dict(opts, sampler='ddpm', guidance_scale=0.0), step=0)) == (
           'ddpm_50steps_seed3_n16_batch8_step0')  # eta does not matter to DDPM
   image, mask = np.zeros((8, 8, 1), np.uint8), np.ones((8, 8, 1), np.float32)
@@ -119,14 +120,14 @@ def test_unwritable_output_dir_fails_before_sampling(workdir, tmp_path, no_sampl
 
 def test_repaint_that_never_jumps_back_is_an_error(workdir, tmp_path, no_sampling,
                                                    write_inpainting_inputs):
-  schedule = schedules.make_schedule('linear', 100)
+  solver = solvers.make_solver(schedules.make_schedule('linear', 100), num_steps=10)
   with pytest.raises(ValueError, match='RePaint jump length 10 >= 10 steps never jumps back'):
-    samplers.make_sampler(schedule, num_steps=10, repaint_resample=2, repaint_jump_length=10)
-  plan = samplers.make_sampler(schedule, num_steps=10, repaint_resample=2, repaint_jump_length=9)
+    solvers.repaint.make_plan(solver, resample=2, jump_length=10)
+  plan = solvers.repaint.make_plan(solver, resample=2, jump_length=9)
   ops = np.asarray(plan.ops)[:plan.num_ops]
-  assert (ops == samplers.OP_RENOISE).sum() == 9  # one jump point: (r - 1) L renoisings
-  plain = samplers.make_sampler(schedule, num_steps=10, repaint_jump_length=50)  # r = 1
-  assert plain.num_ops == 10 and not plain.has_renoise
+  assert (ops == solvers.repaint.OP_RENOISE).sum() == 9  # one jump point: (r - 1) L renoisings
+  plain = solvers.repaint.make_plan(solver, jump_length=50)  # r = 1
+  assert plain.num_ops == 10 and not plain.extra_ops
   _, image_path, mask_path = write_inpainting_inputs(tmp_path)
   with pytest.raises(sample.SampleError, match=(
       r'^inpaint_resample = 2, inpaint_jump_length = 8: RePaint jump length 8 >= 8 steps '

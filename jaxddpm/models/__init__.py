@@ -97,7 +97,7 @@ def _apply(model: nn.Module, params, x, t, cond, dropout_rng, train: bool):
 @dataclasses.dataclass(frozen=True)
 class _Apply:
   """The network's forward pass as a value: equal models give equal (hash-equal)
-  functions, so compiled samplers and steps are reused across calls."""
+  functions, so compiled solvers and steps are reused across calls."""
   model: nn.Module
   train: bool
 

@@ -1,16 +1,18 @@
-"""Samplers against closed forms.
+"""Solvers, their driver and wrappers against closed forms.
 
 With data x_0 ~ N(MU, S^2) per pixel the optimal noise predictor is known in
 closed form, q(x_t) = N(sqrt(abar_t) MU, abar_t S^2 + 1 - abar_t) and
 
   E[eps | x_t] = sqrt(1 - abar_t) (x_t - sqrt(abar_t) MU) / (abar_t S^2 + 1 - abar_t),
 
-so every sampler is a linear-Gaussian recursion x_{t-1} = A_t x_t + B_t + sigma_t z whose
-output mean and standard deviation a float64 NumPy loop computes exactly. The samplers'
-Monte-Carlo moments must match that recursion, and the 1000-step samplers must reproduce
-(MU, S) itself. (Few-step samplers are biased by their discretisation: 50 DDIM steps give
+so every solver is a linear-Gaussian recursion x_{t-1} = A_t x_t + B_t + sigma_t z whose
+output mean and standard deviation a float64 NumPy loop computes exactly. The solvers'
+Monte-Carlo moments must match that recursion, and the 1000-step solvers must reproduce
+(MU, S) itself. (Few-step solvers are biased by their discretisation: 50 DDIM steps give
 a standard deviation 12% (eta=0) to 21% (eta=1) too small for S=0.2; the recursion shows it.)
 """
+
+import types
 
 import chex
 import jax
@@ -19,8 +21,11 @@ import numpy as np
 import pytest
 
 from jaxddpm import conditioning
-from jaxddpm import samplers
+from jaxddpm import parallel
 from jaxddpm import schedules
+from jaxddpm import solvers
+from jaxddpm.solvers import inpainting
+from jaxddpm.solvers import repaint
 
 MU, S = 0.3, 0.2
 SHAPE = (4, 32, 32, 1)  # 4096 i.i.d. pixels
@@ -54,12 +59,12 @@ def gaussian_model(mean_type='eps', var_type='fixedlarge', mu=MU, s=S, counter=N
 
 def exact_moments(use, kind, eta=0.0, var_type='fixedlarge', times=None, ops=None,
                   mu=MU, s=S):
-  """Mean and std of the sampler's output for x_T ~ N(0, 1), in float64.
+  """Mean and std of the solver's output for x_T ~ N(0, 1), in float64.
 
   Args:
     use: kept timesteps (sorted); the respaced process has abar'_k = abar[use[k]].
     kind: 'ddpm' or 'ddim'.
-    times, ops: a RePaint plan (default: plain descending).
+    times, ops: a RePaint plan in levels (default: plain descending).
   """
   abar_full = np.cumprod(1.0 - BETAS)
   ab = abar_full[np.asarray(use)]
@@ -69,10 +74,10 @@ def exact_moments(use, kind, eta=0.0, var_type='fixedlarge', times=None, ops=Non
   post_clipped = np.append(post[1], post[1:])
   if times is None:
     times = np.arange(len(use))[::-1]
-    ops = np.full(len(use), samplers.OP_DENOISE)
+    ops = np.full(len(use), solvers.OP_STEP)
   m, v = 0.0, 1.0
   for i, op in zip(times, ops):
-    if op == samplers.OP_RENOISE:
+    if op == repaint.OP_RENOISE:
       m, v = np.sqrt(1 - b[i]) * m, (1 - b[i]) * v + b[i]
       continue
     a, ap = ab[i], abp[i]
@@ -99,19 +104,14 @@ def assert_moments(x, mean, std, n=N):
   assert abs(x.std() - std) < 4.5 * std / np.sqrt(2 * n), (x.std(), std)
 
 
-@pytest.mark.parametrize('mean_type,var_type', [
-    ('eps', 'fixedlarge'), ('x0', 'fixedsmall'), ('v', 'learned_range')])
-def test_ancestral_1000_steps_reproduces_gaussian(schedule, mean_type, var_type):
-  sampler = samplers.make_sampler(schedule, sampler='ddpm', model_mean_type=mean_type,
-                                  model_var_type=var_type, clip_denoised=False)
-  x = samplers.sample(gaussian_model(mean_type, var_type), sampler, jax.random.key(0), SHAPE)
-  assert_moments(x, *exact_moments(np.arange(T), 'ddpm', var_type=var_type))
-  assert_moments(x, MU, S)
-
-
-def test_ddim_1000_steps_reproduces_gaussian(schedule):
-  sampler = samplers.make_sampler(schedule, sampler='ddim', clip_denoised=False)
-  x = samplers.sample(gaussian_model(), sampler, jax.random.key(1), SHAPE)
+@pytest.mark.parametrize('kind,mean_type,var_type,seed', [
+    ('ddpm', 'eps', 'fixedlarge', 0), ('ddpm', 'x0', 'fixedsmall', 0),
+    ('ddpm', 'v', 'learned_range', 0), ('ddim', 'eps', 'fixedlarge', 1)])
+def test_1000_steps_reproduce_gaussian(schedule, kind, mean_type, var_type, seed):
+  solver = solvers.make_solver(schedule, kind, model_mean_type=mean_type,
+                               model_var_type=var_type, clip_denoised=False)
+  x = solvers.sample(gaussian_model(mean_type, var_type), solver, jax.random.key(seed), SHAPE)
+  assert_moments(x, *exact_moments(np.arange(T), kind, var_type=var_type))
   assert_moments(x, MU, S)
 
 
@@ -119,9 +119,9 @@ def test_ddim_1000_steps_reproduces_gaussian(schedule):
     ('ddim', 50, 0.0, 'uniform'), ('ddim', 50, 1.0, 'uniform'), ('ddim', 50, 0.5, 'quad'),
     ('ddim', 25, 0.0, 'trailing'), ('ddpm', 100, 0.0, 'uniform')])
 def test_few_steps_match_exact_recursion(schedule, kind, num_steps, eta, spacing):
-  sampler = samplers.make_sampler(schedule, sampler=kind, num_steps=num_steps, eta=eta,
-                                  timestep_spacing=spacing, clip_denoised=False)
-  x = samplers.sample(gaussian_model(), sampler, jax.random.key(2), SHAPE)
+  solver = solvers.make_solver(schedule, kind, num_steps=num_steps, eta=eta,
+                               timestep_spacing=spacing, clip_denoised=False)
+  x = solvers.sample(gaussian_model(), solver, jax.random.key(2), SHAPE)
   use = schedules.space_timesteps(T, num_steps, spacing)
   mean, std = exact_moments(use, kind, eta)
   assert_moments(x, mean, std)
@@ -130,20 +130,20 @@ def test_few_steps_match_exact_recursion(schedule, kind, num_steps, eta, spacing
 
 
 def test_ddim_eta0_is_deterministic_given_x_T(schedule):
-  sampler = samplers.make_sampler(schedule, sampler='ddim', num_steps=20)
+  solver = solvers.make_solver(schedule, 'ddim', num_steps=20)
   model_fn = gaussian_model()
   x_T = jax.random.normal(jax.random.key(3), SHAPE)
-  a = samplers.sample(model_fn, sampler, jax.random.key(4), x_T=x_T)
-  b = samplers.sample(model_fn, sampler, jax.random.key(5), x_T=x_T)
+  a = solvers.sample(model_fn, solver, jax.random.key(4), x_T=x_T)
+  b = solvers.sample(model_fn, solver, jax.random.key(5), x_T=x_T)
   np.testing.assert_array_equal(a, b)
-  stochastic = samplers.make_sampler(schedule, sampler='ddim', num_steps=20, eta=1.0)
-  c = samplers.sample(model_fn, stochastic, jax.random.key(4), x_T=x_T)
-  d = samplers.sample(model_fn, stochastic, jax.random.key(5), x_T=x_T)
+  stochastic = solvers.make_solver(schedule, 'ddim', num_steps=20, eta=1.0)
+  c = solvers.sample(model_fn, stochastic, jax.random.key(4), x_T=x_T)
+  d = solvers.sample(model_fn, stochastic, jax.random.key(5), x_T=x_T)
   assert np.abs(np.asarray(c) - np.asarray(d)).max() > 1e-2
 
 
 def test_ddim_matches_float64_reference_with_clipping():
-  """Deterministic DDIM on a respaced 'quad' plan with a nonlinear model and x_0 clipping."""
+  """Deterministic DDIM on a respaced 'quad' grid with a nonlinear model and x_0 clipping."""
   t_total, num_steps = 100, 12
   betas = np.linspace(1e-4, 0.05, t_total)
   schedule = schedules.schedule_from_betas(betas)
@@ -151,10 +151,10 @@ def test_ddim_matches_float64_reference_with_clipping():
   def model_fn(x, t, cond=None):
     return 0.8 * jnp.tanh(2.0 * x) + 0.002 * t[:, None, None, None]
 
-  sampler = samplers.make_sampler(schedule, sampler='ddim', num_steps=num_steps,
-                                  timestep_spacing='quad', clip_denoised=True)
+  solver = solvers.make_solver(schedule, 'ddim', num_steps=num_steps, timestep_spacing='quad',
+                               clip_denoised=True)
   x_T = jax.random.normal(jax.random.key(6), (2, 4, 4, 3))
-  got = samplers.sample(model_fn, sampler, jax.random.key(7), x_T=x_T)
+  got = solvers.sample(model_fn, solver, jax.random.key(7), x_T=x_T)
 
   use = np.unique((np.linspace(0, np.sqrt(0.8 * t_total), num_steps) ** 2).astype(int))
   abar = np.cumprod(1.0 - betas)[use]
@@ -168,49 +168,85 @@ def test_ddim_matches_float64_reference_with_clipping():
   np.testing.assert_allclose(got, x, atol=2e-5)
 
 
+@pytest.mark.parametrize('kind,num_steps,spacing', [
+    ('ddim', 50, 'uniform'), ('ddpm', 25, 'trailing'), ('ddpm', 1000, 'uniform')])
+def test_grid_is_the_marginal_of_every_point(schedule, kind, num_steps, spacing):
+  """Point j of the grid is q(x_t | x_0) at the j-th kept timestep from the top, the data
+  last; beta_j is the forward transition between neighbours (float64 reference)."""
+  grid = solvers.make_solver(schedule, kind, num_steps=num_steps, timestep_spacing=spacing).grid
+  use = schedules.space_timesteps(T, num_steps, spacing)
+  abar = np.append(np.cumprod(1.0 - BETAS)[use][::-1], 1.0)
+  assert grid.num_steps == len(use) and grid.alpha.shape == grid.sigma.shape == abar.shape
+  np.testing.assert_allclose(grid.alpha, np.sqrt(abar), rtol=1e-6)
+  np.testing.assert_allclose(grid.sigma, np.sqrt(1.0 - abar), rtol=1e-5)
+  np.testing.assert_allclose(grid.beta, 1.0 - abar[:-1] / abar[1:], rtol=1e-5)
+  assert (grid.alpha[-1], grid.sigma[-1]) == (1.0, 0.0)
+
+
 def test_same_key_same_samples_and_chunking_does_not_matter(schedule):
   model_fn = gaussian_model()
-  one = samplers.make_sampler(schedule, sampler='ddpm', num_steps=30, num_chunks=1)
-  seven = samplers.make_sampler(schedule, sampler='ddpm', num_steps=30, chunk_length=7)
+  solver = solvers.make_solver(schedule, 'ddpm', num_steps=30)
+  one = solvers.make_plan(solver, num_chunks=1)
+  seven = solvers.make_plan(solver, chunk_length=7)
   assert seven.num_chunks == 5 and seven.num_ops == 30
-  a = samplers.sample(model_fn, one, jax.random.key(8), (2, 4, 4, 1))
-  b = samplers.sample(model_fn, one, jax.random.key(8), (2, 4, 4, 1))
-  c = samplers.sample(model_fn, seven, jax.random.key(8), (2, 4, 4, 1))
-  d = samplers.sample(model_fn, seven, jax.random.key(9), (2, 4, 4, 1))
+  a = solvers.sample(model_fn, one, jax.random.key(8), (2, 4, 4, 1))
+  b = solvers.sample(model_fn, one, jax.random.key(8), (2, 4, 4, 1))
+  c = solvers.sample(model_fn, seven, jax.random.key(8), (2, 4, 4, 1))
+  d = solvers.sample(model_fn, seven, jax.random.key(9), (2, 4, 4, 1))
   np.testing.assert_array_equal(a, b)
   np.testing.assert_allclose(a, c, rtol=0, atol=1e-6)
   assert np.abs(np.asarray(a) - np.asarray(d)).max() > 1e-2
+
+
+def test_sharded_batch_gives_the_same_samples(schedule):
+  """The loop of jaxddpm.sample: the state split over 4 devices on 'data', x_T drawn there."""
+  model_fn = solvers.base.as_pytree(gaussian_model())
+  plan = solvers.make_plan(solvers.make_solver(schedule, 'ddpm', num_steps=12), chunk_length=5)
+  key, mesh = jax.random.key(15), parallel.make_mesh()
+  want = solvers.sample(model_fn, plan, key, (8, 4, 4, 1))
+  init = lambda key: plan.init(key, (8, 4, 4, 1))
+  shardings = jax.tree.map(
+      lambda a: parallel.data_sharding(mesh) if a.ndim else parallel.replicated(mesh),
+      jax.eval_shape(init, key))
+  state = jax.jit(init, out_shardings=shardings)(key)
+  run = jax.jit(solvers.run_chunk, out_shardings=(shardings, None))
+  for start in plan.chunk_starts:
+    state, _ = run(plan, model_fn, state, start)
+  assert len(state.x.sharding.device_set) == 4
+  np.testing.assert_array_equal(state.x, want)
 
 
 def test_compiled_once_for_all_chunks_and_etas(schedule):
   counter = []
   model_fn = gaussian_model(counter=counter)
   for eta in (0.0, 0.5):
-    sampler = samplers.make_sampler(schedule, sampler='ddim', num_steps=40, eta=eta,
-                                    chunk_length=10)
-    assert sampler.num_chunks == 4
-    samplers.sample(model_fn, sampler, jax.random.key(10), (2, 4, 4, 1))
+    solver = solvers.make_solver(schedule, 'ddim', num_steps=40, eta=eta)
+    plan = solvers.make_plan(solver, chunk_length=10)
+    assert plan.num_chunks == 4
+    solvers.sample(model_fn, plan, jax.random.key(10), (2, 4, 4, 1))
   assert len(counter) == 1
 
 
 def test_intermediates_are_the_states_after_every_kth_op(schedule):
   model_fn = gaussian_model()
   x_T = jax.random.normal(jax.random.key(11), (2, 4, 4, 1))
-  sampler = samplers.make_sampler(schedule, sampler='ddim', num_steps=20,
-                                  intermediate_every=5, chunk_length=7)
-  assert sampler.chunk_length == 10
-  final, xs = samplers.sample(model_fn, sampler, jax.random.key(0), x_T=x_T,
-                              return_intermediates=True)
+  solver = solvers.make_solver(schedule, 'ddim', num_steps=20)
+  plan = solvers.make_plan(solver, intermediate_every=5, chunk_length=7)
+  assert plan.chunk_length == 10
+  final, xs = solvers.sample(model_fn, plan, jax.random.key(0), x_T=x_T,
+                             return_intermediates=True)
   chex.assert_shape(xs, (4, 2, 4, 4, 1))
   np.testing.assert_array_equal(xs[-1], final)
   # The same states, from a plan run in chunks of 5 without a trajectory.
-  plain = samplers.make_sampler(schedule, sampler='ddim', num_steps=20, chunk_length=5)
+  plain = solvers.make_plan(solver, chunk_length=5)
   state = plain.init(jax.random.key(0), x_T=x_T)
-  run_chunk = jax.jit(samplers.run_chunk, static_argnums=1)
+  run_chunk = jax.jit(solvers.run_chunk, static_argnums=1)
   for i, start in enumerate(plain.chunk_starts):
     state, none = run_chunk(plain, model_fn, state, start)
     assert none is None
     np.testing.assert_allclose(xs[i], state.x, atol=1e-6)
+  with pytest.raises(ValueError, match='intermediate_every'):
+    solvers.sample(model_fn, plain, jax.random.key(0), x_T=x_T, return_intermediates=True)
 
 
 def test_classifier_free_guidance_combines_predictions():
@@ -227,7 +263,7 @@ def test_classifier_free_guidance_combines_predictions():
   y = jnp.array([0, 3, 9])
   spec = {'label': conditioning.Label(num_classes)}
   guided = jax.jit(lambda f, x, t, y: f(x, t, {'label': y}))(
-      samplers.classifier_free_guidance(model_fn, w, spec), x, t, y)
+      solvers.classifier_free_guidance(model_fn, w, spec), x, t, y)
 
   xn, tn, yn = (np.asarray(a, np.float64) for a in (x, t, y))
   cond = xn * (1 + 0.1 * yn[:, None, None, None]) + 0.01 * tn[:, None, None, None]
@@ -244,11 +280,11 @@ def test_guided_sampling_compiles_once_for_all_scales(schedule):
     counter.append(1)
     return 0.5 * x + 0.1 * cond['label'][:, None, None, None]
 
-  sampler = samplers.make_sampler(schedule, sampler='ddim', num_steps=5, clip_denoised=False)
+  solver = solvers.make_solver(schedule, 'ddim', num_steps=5, clip_denoised=False)
   y = jnp.array([1, 2])
   spec = {'label': conditioning.Label(10)}
-  outs = [samplers.sample(samplers.classifier_free_guidance(model_fn, w, spec), sampler,
-                          jax.random.key(0), (2, 4, 4, 1), cond={'label': y})
+  outs = [solvers.sample(solvers.classifier_free_guidance(model_fn, w, spec), solver,
+                         jax.random.key(0), (2, 4, 4, 1), cond={'label': y})
           for w in (0.0, 3.0)]
   assert len(counter) == 1
   assert np.abs(np.asarray(outs[0]) - np.asarray(outs[1])).max() > 1e-3
@@ -266,24 +302,36 @@ def test_repaint_keeps_known_pixels_and_samples_the_rest(schedule):
   follow the RePaint plan's exact recursion (renoising steps included)."""
   resample, jump = 3, 5
   known, mask = _inpainting_setup()
-  sampler = samplers.make_sampler(schedule, sampler='ddpm', num_steps=50,
-                                  repaint_resample=resample, repaint_jump_length=jump,
-                                  clip_denoised=False)
-  x = samplers.sample(gaussian_model(), sampler, jax.random.key(13), SHAPE,
-                      known=known, mask=mask)
+  solver = solvers.make_solver(schedule, 'ddpm', num_steps=50, clip_denoised=False)
+  plan = repaint.make_plan(inpainting.replacement(solver, known, mask), resample=resample,
+                           jump_length=jump)
+  x = solvers.sample(gaussian_model(), plan, jax.random.key(13), SHAPE)
   x, known = np.asarray(x), np.asarray(known)
   np.testing.assert_array_equal(x[:, :, :16], known[:, :, :16])
-  times, ops = samplers.repaint_plan(50, jump, resample)
+  times, ops = repaint.repaint_plan(50, jump, resample)
   use = schedules.space_timesteps(T, 50, 'uniform')
   assert_moments(x[:, :, 16:], *exact_moments(use, 'ddpm', times=times, ops=ops), n=N // 2)
-  psnr = samplers.masked_psnr(x, known, mask)
+  psnr = solvers.masked_psnr(x, known, mask)
   chex.assert_shape(psnr, (SHAPE[0],))
   assert np.all(np.isfinite(psnr))
 
 
+def test_step_wrappers_leave_the_solvers_noise_unchanged(schedule):
+  """Inpainting draws from its own half of each operation's key: with nothing known the
+  samples are bitwise the plain solver's; with everything known they are the reference."""
+  known, _ = _inpainting_setup()
+  solver = solvers.make_solver(schedule, 'ddpm', num_steps=20)
+  plain = solvers.sample(gaussian_model(), solver, jax.random.key(16), SHAPE)
+  for mask, want in ((jnp.zeros(SHAPE[1:]), plain), (jnp.ones(SHAPE[1:]), known)):
+    wrapped = inpainting.replacement(solver, known, mask)
+    assert wrapped.grid is solver.grid and not wrapped.multistep
+    got = solvers.sample(gaussian_model(), wrapped, jax.random.key(16), SHAPE)
+    np.testing.assert_array_equal(got, want)
+
+
 def _exact_inpainting(use, times, ops, sigma, mu, known):
   """Mean and std of pixel 1 given pixel 0 = known, for x_0 ~ N(mu, sigma) on two pixels:
-  the sampler's 2-d linear-Gaussian recursion, pixel 0 replaced by q(x_t | known) after each
+  the solver's 2-d linear-Gaussian recursion, pixel 0 replaced by q(x_t | known) after each
   denoising step (and at the start)."""
   ab = np.cumprod(1.0 - BETAS)[np.asarray(use)]
   abp = np.append(1.0, ab[:-1])
@@ -297,7 +345,7 @@ def _exact_inpainting(use, times, ops, sigma, mu, known):
 
   m, c = replace(np.zeros(2), np.eye(2), ab[-1])
   for i, op in zip(times, ops):
-    if op == samplers.OP_RENOISE:
+    if op == repaint.OP_RENOISE:
       m, c = np.sqrt(1 - b[i]) * m, (1 - b[i]) * c + b[i] * np.eye(2)
       continue
     a, ap = ab[i], abp[i]
@@ -329,28 +377,27 @@ def test_inpainting_conditions_on_the_known_region(schedule, resample, jump):
     eps = jnp.sqrt(1 - a) * (diag * centred - off * centred[:, ::-1]) / (diag ** 2 - off ** 2)
     return eps.reshape(x.shape)
 
-  sampler = samplers.make_sampler(schedule, sampler='ddpm', num_steps=100,
-                                  repaint_resample=resample, repaint_jump_length=jump,
-                                  clip_denoised=False)
+  solver = solvers.make_solver(schedule, 'ddpm', num_steps=100, clip_denoised=False)
   known = jnp.full((n, 1, 2, 1), k)
   mask = jnp.asarray([1.0, 0.0]).reshape(1, 1, 2, 1)
-  x = np.asarray(samplers.sample(model_fn, sampler, jax.random.key(14), (n, 1, 2, 1),
-                                 known=known, mask=mask))
+  plan = repaint.make_plan(inpainting.replacement(solver, known, mask), resample=resample,
+                           jump_length=jump)
+  x = np.asarray(solvers.sample(model_fn, plan, jax.random.key(14), (n, 1, 2, 1)))
   np.testing.assert_array_equal(x[:, 0, 0, 0], np.float32(k))
   use = schedules.space_timesteps(T, 100, 'uniform')
-  times, ops = samplers.repaint_plan(100, jump, resample)
+  times, ops = repaint.repaint_plan(100, jump, resample)
   mean, std = _exact_inpainting(use, times, ops, sigma, mu, k)
   assert_moments(x[:, 0, 1, 0], mean, std, n=n)
   true_mean = MU + rho * (k - MU)
-  replacement_mean, _ = _exact_inpainting(use, *samplers.repaint_plan(100, 1, 1), sigma, mu, k)
+  replacement_mean, _ = _exact_inpainting(use, *repaint.repaint_plan(100, 1, 1), sigma, mu, k)
   if resample > 1:
     assert abs(mean - true_mean) < 0.55 * abs(replacement_mean - true_mean)
 
 
 def test_repaint_plan_small_example():
-  times, ops = samplers.repaint_plan(6, jump_length=2, resample=2)
-  d, r = samplers.OP_DENOISE, samplers.OP_RENOISE
-  # Indices visited: 5 4 3 2 | up 3 4 | 3 2 1 0 | up 1 2 | 1 0.
+  times, ops = repaint.repaint_plan(6, jump_length=2, resample=2)
+  d, r = solvers.OP_STEP, repaint.OP_RENOISE
+  # Levels visited: 5 4 3 2 | up 3 4 | 3 2 1 0 | up 1 2 | 1 0.
   np.testing.assert_array_equal(times, [5, 4, 3, 2, 2, 3, 3, 2, 1, 0, 0, 1, 1, 0])
   np.testing.assert_array_equal(ops, [d, d, d, d, r, r, d, d, d, d, r, r, d, d])
 
@@ -359,10 +406,10 @@ def test_repaint_plan_small_example():
 def test_repaint_plan_is_consistent(num_steps, jump, resample):
   """Each op starts where the previous one ended, and it ends at the data (level -1).
   The paper's setting (T=250, L=10, r=10) has 24 jump points."""
-  times, ops = samplers.repaint_plan(num_steps, jump, resample)
+  times, ops = repaint.repaint_plan(num_steps, jump, resample)
   level = num_steps - 1
   for t, op in zip(times, ops):
-    if op == samplers.OP_DENOISE:
+    if op == solvers.OP_STEP:
       assert t == level
       level -= 1
     else:
@@ -370,16 +417,24 @@ def test_repaint_plan_is_consistent(num_steps, jump, resample):
       level += 1
   assert level == -1
   num_jumps = len(range(0, num_steps - jump, jump))
-  assert (ops == samplers.OP_RENOISE).sum() == num_jumps * (resample - 1) * jump
+  assert (ops == repaint.OP_RENOISE).sum() == num_jumps * (resample - 1) * jump
   if num_steps == 250:
-    assert (ops == samplers.OP_DENOISE).sum() == 250 + 24 * 9 * 10
+    assert (ops == solvers.OP_STEP).sum() == 250 + 24 * 9 * 10
+
+
+def test_repaint_refuses_a_solver_with_multistep_history(schedule):
+  known, mask = _inpainting_setup()
+  multistep = types.SimpleNamespace(multistep=True, grid=None)
+  for solver in (multistep, inpainting.replacement(multistep, known, mask)):
+    with pytest.raises(ValueError, match='multistep history'):
+      repaint.make_plan(solver, resample=2, jump_length=5)
 
 
 def test_masked_psnr_matches_numpy():
   rng = np.random.default_rng(1)
   x, ref = rng.uniform(-1, 1, (2, 4, 4, 3)), rng.uniform(-1, 1, (2, 4, 4, 3))
   mask = (rng.uniform(size=(2, 4, 4, 1)) > 0.5).astype(np.float64)
-  got = samplers.masked_psnr(x, ref, mask)
+  got = solvers.masked_psnr(x, ref, mask)
   for i in range(2):
     fill = np.broadcast_to(mask[i] == 0, x[i].shape)
     mse = np.mean((x[i][fill] - ref[i][fill]) ** 2)
@@ -387,8 +442,8 @@ def test_masked_psnr_matches_numpy():
 
 
 @pytest.mark.parametrize('kwargs,match', [
-    (dict(num_steps=1001), 'num_steps'), (dict(eta=1.5), 'eta'),
-    (dict(sampler='euler'), 'sampler'), (dict(model_var_type='big'), 'model_var_type')])
+    (dict(num_steps=1001), 'num_steps'), (dict(name='ddim', eta=1.5), 'eta'),
+    (dict(name='euler'), 'unknown solver'), (dict(model_var_type='big'), 'model_var_type')])
 def test_bad_arguments_raise(schedule, kwargs, match):
   with pytest.raises(ValueError, match=match):
-    samplers.make_sampler(schedule, **kwargs)
+    solvers.make_solver(schedule, **kwargs)

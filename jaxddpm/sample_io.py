@@ -1,0 +1,168 @@
+"""Files of a sampling: the inpainting inputs read, the output folder named, checked, written.
+
+  OUTPUT_DIR/samples.npz   images uint8 [N, H, W, C]; labels [N] (conditional models);
+                           psnr [N] (inpainting)
+  OUTPUT_DIR/grid.png      the first (up to 64) samples
+  OUTPUT_DIR/images/*.png  one file per sample, on request
+  OUTPUT_DIR/psnr.json     inpainting: PSNR (dB) of the filled region against the input
+
+The default OUTPUT_DIR, workdir/samples/<name>, is named by everything that makes the samples
+(`default_output_dir`), so different settings never share a folder. An OUTPUT_DIR that already
+holds outputs is refused rather than mixed with new ones (`prepare_output_dir`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from jaxddpm import images as images_lib
+
+GRID_SIZE = 64
+# What `write_outputs` (and run_sample.py's metrics.json) put in an output dir.
+OUTPUT_NAMES = ('samples.npz', 'grid.png', 'images', 'psnr.json', 'metrics.json')
+
+
+class SampleError(ValueError):
+  """Bad input to sampling (the message says what and why)."""
+
+
+def _load_image(path: str, mode: str) -> np.ndarray:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise SampleError(f'no such file: {path!r}')
+  try:
+    with Image.open(path) as image:
+      return np.asarray(image.convert(mode))
+  except (OSError, ValueError):  # PIL.UnidentifiedImageError is an OSError
+    raise SampleError(f'{path!r} is not a readable image file') from None
+
+
+def load_inpainting_inputs(image_path: str, mask_path: str, image_size: int,
+                           channels: int) -> tuple[np.ndarray, np.ndarray]:
+  """Reads the image to inpaint and its mask (white = keep, black = fill).
+
+  Returns:
+    (image uint8 [H, W, C], mask float32 [H, W, 1] in {0, 1}), H = W = image_size.
+  """
+  if bool(image_path) != bool(mask_path):
+    raise SampleError('inpainting needs both --inpaint_image and --inpaint_mask')
+  image = _load_image(image_path, 'L' if channels == 1 else 'RGB')
+  mask = _load_image(mask_path, 'L')
+  if image.shape[:2] != mask.shape[:2]:
+    raise SampleError(f'mask size {mask.shape[1]}x{mask.shape[0]} does not match the image '
+                      f'size {image.shape[1]}x{image.shape[0]}')
+  if image.shape[:2] != (image_size, image_size):
+    raise SampleError(f'image is {image.shape[1]}x{image.shape[0]}, the model samples '
+                      f'{image_size}x{image_size}')
+  image = image.reshape(image_size, image_size, channels)
+  mask = (mask > 127).astype(np.float32)[..., None]
+  if mask.min() == 1.0:
+    raise SampleError('the mask keeps every pixel (white = keep); nothing to inpaint')
+  return image, mask
+
+def default_output_dir(workdir: str, opts: dict[str, Any], *, step: int,
+                       inpainting: tuple[np.ndarray, np.ndarray] | None = None,
+                       inpaint_resample: int = 1, inpaint_jump_length: int = 10) -> str:
+  """workdir/samples/<name>, the name made of every setting the samples depend on.
+
+  E.g. 'ddim_10steps_eta0_seed1_class2_guidance3_n16_batch16_step400'. The batch size is
+  part of it because batch b's noise is drawn from fold_in(seed, b) for the whole batch;
+  an inpainting input is named by a hash of the image and mask pixels, RePaint's r and
+  jump length when r > 1.
+  """
+  parts = [f'{opts["sampler"]}_{opts["steps"]}steps']
+  if opts['sampler'] == 'ddim':
+    parts.append(f'eta{opts["eta"]:g}')
+  parts.append(f'seed{opts["seed"]}')
+  if opts['class_label'] is not None:
+    parts.append(f'class{opts["class_label"]}')
+  if opts['guidance_scale'] > 0:
+    parts.append(f'guidance{opts["guidance_scale"]:g}')
+  if inpainting is not None:
+    digest = hashlib.sha256(b''.join(a.tobytes() for a in inpainting)).hexdigest()[:8]
+    parts.append(f'inpaint{digest}')
+    if inpaint_resample > 1:
+      parts.append(f'repaint_r{inpaint_resample}j{inpaint_jump_length}')
+  parts += [f'n{opts["num_samples"]}', f'batch{opts["batch_size"]}', f'step{step}']
+  return os.path.join(workdir, 'samples', '_'.join(parts))
+
+
+def prepare_output_dir(output_dir: str, *, create: bool) -> list[str]:
+  """Refuses a dir that holds outputs already; with `create` (the main process) creates the
+  dir and test-writes a file in it.
+
+  Returns the folders it created, deepest first, for `remove_created` when sampling fails.
+  """
+  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    raise SampleError(f'output dir {output_dir!r} is a file, not a directory')
+  found = [n for n in OUTPUT_NAMES if os.path.exists(os.path.join(output_dir, n))]
+  if found:
+    raise SampleError(f'output dir {output_dir!r} already holds {", ".join(found)}; pass '
+                      'another --output_dir or delete it (outputs of two samplings are never '
+                      'mixed)')
+  created = []
+  if not create:
+    return created
+  path = os.path.abspath(output_dir)
+  while not os.path.exists(path):
+    created.append(path)
+    path = os.path.dirname(path)
+  probe = os.path.join(output_dir, f'.write_test_{os.getpid()}')
+  try:
+    os.makedirs(output_dir, exist_ok=True)
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    remove_created(created)
+    raise SampleError(f'cannot write to output dir {output_dir!r}: '
+                      f'{e.strerror or e}') from None
+  return created
+
+
+def remove_created(folders: list[str]) -> None:
+  """Removes the folders `_prepare_output_dir` made, as long as they are still empty."""
+  for folder in folders:
+    try:
+      os.rmdir(folder)
+    except OSError:
+      return
+
+
+def check_finite(samples: np.ndarray, step: int | None) -> None:
+  bad = int(np.sum(~np.isfinite(samples.reshape(len(samples), -1)).all(axis=1)))
+  if bad:
+    source = 'these parameters' if step is None else f'the checkpoint at step {step}'
+    raise SampleError(f'{bad} of {len(samples)} samples are not finite (NaN/Inf) from '
+                      f'{source}: the checkpoint may be damaged or the training '
+                      'diverged; nothing was written')
+
+
+def write_outputs(output_dir: str, result: dict[str, Any], *, save_individual: bool) -> None:
+  """samples.npz, grid.png, psnr.json (inpainting) and optionally images/NNNNNN.png.
+
+  Raises:
+    SampleError: a file could not be written (e.g. the disk is full).
+  """
+  try:
+    os.makedirs(output_dir, exist_ok=True)
+    arrays = {k: result[k] for k in ('images', 'labels', 'psnr') if result[k] is not None}
+    np.savez(os.path.join(output_dir, 'samples.npz'), **arrays)
+    images = result['images']
+    images_lib.save_image_grid(images[:GRID_SIZE], os.path.join(output_dir, 'grid.png'))
+    if result['psnr'] is not None:
+      with open(os.path.join(output_dir, 'psnr.json'), 'w') as f:
+        json.dump({'mean_psnr_db': float(np.mean(result['psnr'])),
+                   'psnr_db': [float(p) for p in result['psnr']]}, f, indent=2)
+    if save_individual:
+      folder = os.path.join(output_dir, 'images')
+      os.makedirs(folder, exist_ok=True)
+      for i, img in enumerate(images):
+        images_lib.save_png(img, os.path.join(folder, f'{i:06d}.png'))
+  except OSError as e:
+    raise SampleError(f'could not write the samples to {output_dir!r}: {e}') from None
