@@ -46,7 +46,7 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import jax.numpy as jnp
 
-from jaxddpm import conditioning
+from jaxddpm.models import conditioning
 from jaxddpm import diffusion
 from jaxddpm.diffusion import likelihood
 from jaxddpm import timesteps

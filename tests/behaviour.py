@@ -12,10 +12,8 @@ import numpy as np
 
 from configs import tiny
 from jaxddpm import data
-from jaxddpm import diffusion
 from jaxddpm import models
 from jaxddpm import runtime
-from jaxddpm import schedules
 from jaxddpm import solvers
 from jaxddpm import train
 from jaxddpm import train_state

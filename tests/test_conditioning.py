@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxddpm import conditioning
+from jaxddpm.models import conditioning
 
 SPEC = {'label': conditioning.Label(10, dropout=0.2),
         'context': conditioning.Fill(0.0, dropout=0.2),

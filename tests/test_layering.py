@@ -13,8 +13,7 @@ PACKAGE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
                            'jaxddpm')
 # The pure core: math, networks and solvers. Everything else is the shell (I/O, configs, CLIs).
 CORE = ('jaxddpm.schedules', 'jaxddpm.diffusion', 'jaxddpm.objectives',
-        'jaxddpm.timesteps', 'jaxddpm.solvers', 'jaxddpm.models',
-        'jaxddpm.conditioning')
+        'jaxddpm.timesteps', 'jaxddpm.solvers', 'jaxddpm.models')
 
 
 def _modules() -> dict[str, str]:

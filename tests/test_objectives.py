@@ -3,7 +3,6 @@ x-space consistency through the whole loss, the timestep samplers, and bitwise a
 the train step's loss."""
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 
 from configs import tiny
 import toy_model
-from jaxddpm import conditioning
+from jaxddpm.models import conditioning
 from jaxddpm import diffusion
 from jaxddpm import objectives
 from jaxddpm import schedules

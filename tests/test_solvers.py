@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxddpm import conditioning
+from jaxddpm.models import conditioning
 from jaxddpm import parallel
 from jaxddpm import schedules
 from jaxddpm import solvers

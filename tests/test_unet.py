@@ -11,7 +11,7 @@ import pytest
 
 from configs import cifar
 from configs import tiny
-from jaxddpm import conditioning
+from jaxddpm.models import conditioning
 from jaxddpm import models
 from jaxddpm.models import layers
 from jaxddpm import factories

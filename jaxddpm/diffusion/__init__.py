@@ -10,7 +10,8 @@ Conventions: x is NHWC, [B, H, W, C] (any rank >= 1 works; the batch is axis 0),
 coefficients come from a `schedules.Schedule` and are broadcast to x's shape by `extract`.
 
 The network enters only as `model_fn(x, t, cond) -> output`, a `Partial` over its
-parameters, `cond` the conditioning pytree (`jaxddpm.conditioning`; {} when unconditional). Its output is [B, H, W, C] (the eps, x0 or v prediction) or, for the learned
+parameters, `cond` the conditioning pytree (`jaxddpm.models.conditioning`; {} when
+unconditional). Its output is [B, H, W, C] (the eps, x0 or v prediction) or, for the learned
 variance types, [B, H, W, 2C]: the prediction in the first C channels, the variance output in
 the last C (improved-diffusion's channel split). The model is called with
 `schedule.timestep_map[t]`, the original timestep, so respaced schedules need no model wrapper.

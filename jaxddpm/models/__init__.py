@@ -3,7 +3,7 @@
 A denoiser is a Flax Module built from a typed, frozen config dataclass (never
 from a ConfigDict; `jaxddpm.factories` translates those) and registered under a
 name, `config.model.name` in a run's config. Its config provides
-`cond_spec()` (the conditioning keys it reads, `jaxddpm.conditioning`) and
+`cond_spec()` (the conditioning keys it reads, `jaxddpm.models.conditioning`) and
 `example_inputs(batch)`; the module is called as
 `module.apply({'params': p}, x, t, cond, train=..., rngs={'dropout': key})`.
 Nothing outside this package knows which network runs.

@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxddpm import conditioning
+from jaxddpm.models import conditioning
 from jaxddpm.models import layers
 
 
@@ -105,7 +105,7 @@ class UNet(nn.Module):
   Call: `model.apply({'params': p}, x, t, cond, train=False, rngs={'dropout': key})`.
     x: [B, H, W, C] with H, W divisible by 2**(len(ch_mult) - 1).
     t: [B] timesteps (int or float).
-    cond: the conditioning pytree (`jaxddpm.conditioning`): {} or None when
+    cond: the conditioning pytree (`jaxddpm.models.conditioning`): {} or None when
       unconditional; {'label': [B] int in [0, num_classes]} (num_classes = null
       class) for num_classes > 0, where a missing label means the null class.
       A key outside `cond_spec()` and `ignore_cond_keys` is a ValueError.

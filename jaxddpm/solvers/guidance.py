@@ -8,7 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 from jax.tree_util import Partial
 
-from jaxddpm import conditioning
+from jaxddpm.models import conditioning
 from jaxddpm.solvers import base
 
 
