@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from jaxddpm import data
+from jaxddpm import images as images_lib
 
 NUM_CLASSES = 10
 FEATURE_DIM = 128
@@ -38,18 +39,6 @@ def load_digits_split(split, image_size):
   """
   source = data.digits_source(split, image_size, channels=1)
   return source.images, source.labels
-
-
-def to_model_input(images):
-  """uint8 [0, 255] or float [-1, 1] images -> float32 in [-1, 1] on the uint8 grid.
-
-  Float images are quantised to 8 bits as when they are saved, so a sample
-  gives the same features whether it comes from the sampler or from a PNG.
-  """
-  images = np.asarray(images)
-  if images.dtype != np.uint8:
-    images = np.clip(np.round((images.astype(np.float32) + 1.0) * 127.5), 0, 255)
-  return images.astype(np.float32) / 127.5 - 1.0
 
 
 class DigitsCNN(nn.Module):
@@ -76,7 +65,7 @@ def train_classifier(image_size, *, seed=0, num_steps=500, batch_size=64, lr=2e-
   """
   train_x, train_y = load_digits_split('train', image_size)
   test_x, test_y = load_digits_split('test', image_size)
-  train_x = to_model_input(train_x)
+  train_x = images_lib.quantize(train_x)
   model = DigitsCNN()
   key_init, key_train = jax.random.split(jax.random.key(seed))
   params = model.init(key_init, train_x[:1])['params']
@@ -103,7 +92,7 @@ def train_classifier(image_size, *, seed=0, num_steps=500, batch_size=64, lr=2e-
   opt_state = tx.init(params)
   for step in range(num_steps):
     params, opt_state = train_step(params, opt_state, jax.random.fold_in(key_train, step))
-  _, logits = jax.jit(model.apply)({'params': params}, to_model_input(test_x))
+  _, logits = jax.jit(model.apply)({'params': params}, images_lib.quantize(test_x))
   accuracy = float(np.mean(np.argmax(np.asarray(logits), -1) == test_y))
   return params, accuracy
 
@@ -156,7 +145,7 @@ class DigitsExtractor:
 
     Images of another size are bilinearly resized to the classifier's.
     """
-    x = to_model_input(images)
+    x = images_lib.quantize(images)
     if x.ndim != 4 or x.shape[-1] != 1:
       raise ValueError(f'digits images must be [N, H, W, 1], got {x.shape}')
     if x.shape[1:3] != (self.image_size, self.image_size):

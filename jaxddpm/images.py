@@ -11,6 +11,16 @@ import math
 import numpy as np
 
 
+def quantize(images) -> np.ndarray:
+  """uint8 [0, 255] or float [-1, 1] images -> float32 [-1, 1] on the 8-bit grid {2k/255 - 1}.
+
+  What a sample becomes when it is saved as a PNG: metrics and the decoder's discretised
+  likelihood (DDPM eq. 13) see the same values whether the images come from the sampler or
+  from files.
+  """
+  return np.float32(to_uint8(images)) / 127.5 - 1.0
+
+
 def to_uint8(images) -> np.ndarray:
   """float [-1, 1] (or uint8) images -> uint8 [0, 255]: round((x + 1) * 127.5), clipped."""
   images = np.asarray(images)

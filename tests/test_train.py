@@ -288,8 +288,10 @@ def test_resume_after_sigterm_and_sigkill_is_bitwise_exact(reference, tmp_path, 
   # Resumed from 3, then SIGKILLed at step 6, between checkpoints.
   code, _, err = _run(tmp_path, cache_dir, SIGNAL_AT_LOG=f'6:{int(signal.SIGKILL)}')
   assert code == -signal.SIGKILL, err
-  assert checkpoint.saved_steps(str(tmp_path)) == [3, 4]
-  # Resumed from 4, to the end.
+  # Step 4's checkpoint is written asynchronously; on a loaded machine the kill can come before
+  # it is committed, and then the run resumes from 3. Either way it must end bitwise exact.
+  assert checkpoint.saved_steps(str(tmp_path)) in ([3], [3, 4])
+  # Resumed from the newest committed checkpoint, to the end.
   code, summary, err = _run(tmp_path, cache_dir)
   assert code == 0, err
   assert summary['step'] == STEPS and summary['train_step_traces'] == 1
@@ -456,3 +458,15 @@ def test_cli_reports_error_and_exits_nonzero(reference, tmp_path):
   errors = [l for l in proc.stderr.splitlines() if l.startswith('run_train.py: error:')]
   assert len(errors) == 1 and 'model.ch: 16 (saved) vs 32' in errors[0], proc.stderr
   assert _tree_digest(workdir) == before
+
+
+def test_uint8_conversion_and_quantisation():
+  """to_uint8 is round((x + 1) 127.5) clipped; quantize lands floats and uint8 alike on the
+  8-bit grid 2k/255 - 1 (what a saved PNG holds)."""
+  x = np.array([-1.5, -1.0, -0.5, 0.0, 0.3, 1.0, 2.0], np.float32)
+  want = np.clip(np.round((x.astype(np.float64) + 1) * 127.5), 0, 255)
+  np.testing.assert_array_equal(images_lib.to_uint8(x), want.astype(np.uint8))
+  np.testing.assert_array_equal(images_lib.to_uint8(want.astype(np.uint8)), want)
+  np.testing.assert_allclose(images_lib.quantize(x), want / 127.5 - 1, atol=1e-7)
+  np.testing.assert_array_equal(images_lib.quantize(x),
+                                images_lib.quantize(images_lib.to_uint8(x)))

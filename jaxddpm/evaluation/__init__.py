@@ -22,7 +22,6 @@ re-exported here: `from jaxddpm import evaluation; evaluation.frechet_distance(.
 from jaxddpm.digits_classifier import DigitsExtractor
 from jaxddpm.evaluation.bpd import bits_per_dim
 from jaxddpm.evaluation.bpd import held_out_bits_per_dim
-from jaxddpm.evaluation.bpd import quantize
 from jaxddpm.evaluation.features import compute_metrics
 from jaxddpm.evaluation.features import dataset_reference_stats
 from jaxddpm.evaluation.features import eval_dir
@@ -52,7 +51,7 @@ __all__ = [
     'FeatureExtractor', 'InceptionExtractor', 'DigitsExtractor', 'EvaluationError',
     'InceptionWeightsError', 'extract_features', 'extractor_from_config', 'eval_dir',
     'reference_stats', 'dataset_reference_stats', 'compute_metrics', 'METRICS',
-    'bits_per_dim', 'held_out_bits_per_dim', 'quantize',
+    'bits_per_dim', 'held_out_bits_per_dim',
     'training_metrics', 'prepare_run_metrics', 'evaluate_run', 'parse_metrics', 'RUN_METRICS',
     'scalars', 'write_json',
 ]

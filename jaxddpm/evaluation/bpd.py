@@ -32,12 +32,6 @@ def _bpd_batch():
                  compiler_options=runtime.step_compiler_options())
 
 
-def quantize(images):
-  """float [-1, 1] -> the 8-bit grid {2k/255 - 1}: the decoder's discretised likelihood
-  (DDPM eq. 13) is a likelihood of 8-bit data, so bits/dim is of the quantised images."""
-  return np.float32(images_lib.to_uint8(images)) / 127.5 - 1.0
-
-
 def bits_per_dim(model_fn, schedule, images, key, *, model_mean_type, model_var_type,
                  clip_denoised=True, cond=None, batch_size=64, mesh=None):
   """Negative log-likelihood bound in bits/dim over a data set  [DDPM eq. 5, Table 2].
@@ -61,7 +55,8 @@ def bits_per_dim(model_fn, schedule, images, key, *, model_mean_type, model_var_
     indexed by timestep index t: vb_per_t (L_t in bits/dim, t=0 the decoder),
     mse_per_t (eps MSE), xstart_mse_per_t (x_0 MSE).
   """
-  images = quantize(images)
+  # The decoder's likelihood is of 8-bit data, so bits/dim is of the quantised images.
+  images = images_lib.quantize(images)
   n = len(images)
   if n == 0:
     raise ValueError('bits_per_dim needs at least one image')
