@@ -37,10 +37,10 @@ def load_run(workdir: str, *, ema: bool = True, step: int | None = None):
       checkpoint is skipped with a warning naming it; see `checkpoint.load_params`).
   Returns:
     config: the run's ConfigDict.
-    params: the U-Net's params pytree.
-    model_fn: model_fn(x, t, y=None) -> [B, H, W, C] (or 2C for learned
-      variances), eval mode, a closure over params; jit it or call it inside
-      jitted code.
+    params: the denoiser's params pytree.
+    model_fn: model_fn(x, t, cond={}) -> [B, H, W, C] (or 2C for learned
+      variances), eval mode, a `Partial` over params (`models.make_model_fn`);
+      jit it or call it inside jitted code.
   Raises:
     FileNotFoundError: no config.json or no checkpoint.
     ValueError: no usable checkpoint (`checkpoint.CheckpointError`), or the
