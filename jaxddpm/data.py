@@ -30,6 +30,8 @@ Sources:
 from __future__ import annotations
 
 import os
+import threading
+import time
 from typing import Any, Iterator, Sequence
 
 from absl import flags
@@ -261,6 +263,23 @@ def default_num_workers() -> int:
   return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+  """Grain worker init: the worker exits soon after the main process dies.
+
+  A SIGKILLed training process would otherwise leave its workers running, holding its
+  stdout open and the host's memory; a resumed run starts its own.
+  """
+  del worker_index, worker_count
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(0.5)
+    os._exit(1)  # pylint: disable=protected-access
+
+  threading.Thread(target=watch, daemon=True, name='jaxddpm-parent-watch').start()
+
+
 def _as_example(element) -> dict[str, np.ndarray]:
   image, label = element
   return {'x': np.asarray(image, np.float32), 'label': np.int32(label)}
@@ -358,8 +377,10 @@ class Pipeline:
         # Grain reads its absl flags when it starts workers; in a library call (tests,
         # notebooks) nobody parsed them, and their defaults are what we want.
         flags.FLAGS.mark_as_parsed()
-      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-          num_workers=self.num_workers, per_worker_buffer_size=prefetch))
+      dataset = dataset.mp_prefetch(
+          grain.MultiprocessingOptions(num_workers=self.num_workers,
+                                       per_worker_buffer_size=prefetch),
+          worker_init_fn=_exit_with_parent)
     iterator = iter(dataset)
     try:
       yield from iterator
