@@ -22,6 +22,9 @@ def get_config():
   data.data_dir = ''  # tfds data_dir, or the image folder for 'folder'
   data.center_crop = True
   data.shuffle_buffer = 10_000
+  # Grain worker processes that decode and augment; -1: min(4, cores - 1). The data
+  # order does not depend on it.
+  data.num_workers = -1
 
   config.model = model = ml_collections.ConfigDict()
   model.name = 'unet'  # the denoiser, from the model registry (jaxddpm.models)

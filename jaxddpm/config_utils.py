@@ -159,6 +159,8 @@ def _validate_data(d):
     _int(d, 'image_size', p, 1)
   if 'channels' in d:
     _choice(d, 'channels', p, CHANNELS)
+  if 'num_workers' in d:
+    _int(d, 'num_workers', p, -1)  # -1: a default for the machine
 
 
 def _validate_model(m, data):

@@ -1,17 +1,15 @@
 """Input pipelines -> host-local NHWC float32 batches in [-1, 1].
 
 Every data set is read through a *random-access source* (`len(source)`,
-`source[i] -> (image, label)`), and a batch is a pure function of
-(seed, step):
-
-  global example j of step s is the (s * B + j)-th element of the infinite
-  stream  perm_0 ++ perm_1 ++ ...,  perm_e = permutation of the N examples
-  drawn from numpy's generator seeded with (seed, e).
-
-So a resumed run sees exactly the batches an uninterrupted one would, with no
-replay of skipped data; the global batch is the same whatever the number of
-processes, and process p reads only rows [p * B_local, (p + 1) * B_local) of
-it (its own slice of the files). Random flips are drawn per (seed, step) too.
+`source[i] -> (image, label)`, Grain's RandomAccessDataSource protocol), and
+Grain defines the order (see `Pipeline`): the examples of step s are elements
+[s * B, (s + 1) * B) of `MapDataset.source(source).shuffle(seed).repeat()`, a
+new permutation every epoch, and the random flips are a Grain random map
+seeded per element. A batch is therefore a pure function of (seed, step): a
+resumed run sees exactly the batches an uninterrupted one would, with no replay
+of skipped data; the global batch is the same whatever the number of processes
+or Grain workers, and process p reads only rows [p * B_local, (p + 1) * B_local)
+of it (its own slice of the files).
 
 Sources:
   * `digits`: scikit-learn's bundled 8x8 digits (values 0..16 -> [-1, 1]),
@@ -31,11 +29,13 @@ Sources:
 
 from __future__ import annotations
 
-import concurrent.futures
-import functools
 import os
+import threading
+import time
 from typing import Any, Iterator, Sequence
 
+from absl import flags
+import grain
 import jax
 import numpy as np
 from PIL import Image
@@ -249,20 +249,87 @@ def create_source(data_config, *, split: str, num_classes: int = 0):
 
 
 # ---------------------------------------------------------------------------
-# Deterministic batching.
+# Batching, shuffling, sharding and prefetch: Grain.
+
+# Tags that give the flips a stream of their own, never the shuffle's.
+_FLIP_SEED_TAG = 0x5F11B
+
+
+def default_num_workers() -> int:
+  """Grain worker processes for `data.num_workers = -1`: min(4, cores - 1), 0 on one core.
+
+  One core stays with the main process, which only feeds the devices.
+  """
+  return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+  """Grain worker init: the worker exits soon after the main process dies.
+
+  A SIGKILLed training process would otherwise leave its workers running, holding its
+  stdout open and the host's memory; a resumed run starts its own.
+  """
+  del worker_index, worker_count
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(0.5)
+    os._exit(1)  # pylint: disable=protected-access
+
+  threading.Thread(target=watch, daemon=True, name='jaxddpm-parent-watch').start()
+
+
+def _as_example(element) -> dict[str, np.ndarray]:
+  image, label = element
+  return {'x': np.asarray(image, np.float32), 'label': np.int32(label)}
+
+
+class _RandomFlip(grain.transforms.RandomMap):
+  """Mirrors an image left-right with probability 1/2.
+
+  Grain seeds `rng` from (seed, position in the stream), so a flip does not
+  depend on which process or worker reads the example.
+  """
+
+  def random_map(self, element, rng: np.random.Generator):
+    if rng.random() < 0.5:
+      element = dict(element, x=element['x'][:, ::-1])
+    return element
+
+
+class _ToBatch(grain.transforms.Map):
+  """{'x', 'label'} rows -> the training batch layout {'x', 'cond'}."""
+
+  def __init__(self, with_labels: bool):
+    self.with_labels = with_labels
+
+  def map(self, element):
+    x = np.ascontiguousarray(element['x'], np.float32)
+    cond = {'label': np.asarray(element['label'], np.int32)} if self.with_labels else {}
+    return {'x': x, 'cond': cond}
 
 
 class Pipeline:
-  """Host-local training batches as a pure function of (seed, step).
+  """Host-local training batches as a pure function of (seed, step), defined by Grain.
 
-  `batch(step)` -> {'x': float32 [B_local, S, S, C] in [-1, 1],
-  'cond': {'label': int32 [B_local]}} (cond {} unless `with_labels`), this process's
-  rows of the global batch of `step` (see the module docstring).
+  The stream is `MapDataset.source(source).shuffle(seed).repeat()`: every
+  epoch a permutation of the N examples, reseeded by Grain with the epoch.
+  Global batch b is elements [b * B, (b + 1) * B) of it, and process p of P
+  reads rows [p * L, (p + 1) * L) (L = B / P): local batches of L consecutive
+  elements, of which process p takes b * P + p. So the examples of a step,
+  and their flips, do not depend on the number of processes or workers.
+
+  `batch(step)` -> {'x': float32 [L, S, S, C] in [-1, 1],
+  'cond': {'label': int32 [L]}} (cond {} unless `with_labels`), by random
+  access; `iterate(start)` yields the same batches from `num_workers` Grain
+  worker processes.
   """
 
   def __init__(self, source, *, global_batch_size: int, seed: int,
                random_flip: bool = False, with_labels: bool = False,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1,
+               num_workers: int = 0):
     if global_batch_size % process_count:
       raise DatasetError(
           f'Global batch {global_batch_size} is not divisible by {process_count} processes.')
@@ -276,68 +343,56 @@ class Pipeline:
     self.with_labels = with_labels
     self.process_index = process_index
     self.process_count = process_count
+    self.num_workers = default_num_workers() if num_workers < 0 else int(num_workers)
+    stream = self._order(grain.MapDataset.source(source)).map(_as_example)
+    if random_flip:
+      stream = stream.random_map(_RandomFlip(), seed=(self.seed + _FLIP_SEED_TAG) % 2**32)
+    local = stream.batch(self.local_batch_size, drop_remainder=True).map(_ToBatch(with_labels))
+    # Local batch k holds rows [(k % P) * L, (k % P + 1) * L) of global batch k // P.
+    self._batches = local[process_index::process_count]
 
-  @functools.lru_cache(maxsize=4)
-  def _permutation(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
+  def _order(self, dataset: grain.MapDataset) -> grain.MapDataset:
+    """The one definition of the example order: a fresh Grain shuffle every epoch."""
+    return dataset.shuffle(seed=self.seed).repeat()
 
   def global_indices(self, step: int) -> np.ndarray:
     """Source indices of the global batch of `step`: int64 [B]."""
-    n, b = len(self.source), self.global_batch_size
-    positions = np.arange(step * b, (step + 1) * b, dtype=np.int64)
-    epochs, offsets = np.divmod(positions, n)
-    out = np.empty(b, np.int64)
-    for epoch in np.unique(epochs):
-      sel = epochs == epoch
-      out[sel] = self._permutation(int(epoch))[offsets[sel]]
-    return out
+    b = self.global_batch_size
+    order = self._order(grain.MapDataset.range(len(self.source)))
+    return np.array([order[i] for i in range(step * b, (step + 1) * b)], np.int64)
 
-  def _local_rows(self) -> slice:
-    start = self.process_index * self.local_batch_size
-    return slice(start, start + self.local_batch_size)
+  def batch(self, step: int) -> dict[str, Any]:
+    return self._batches[step]
 
-  def batch(self, step: int) -> dict[str, np.ndarray]:
-    rows = self._local_rows()
-    indices = self.global_indices(step)[rows]
-    if isinstance(self.source, ArraySource):
-      images, labels = self.source.get_batch(indices)
-      images = np.array(images)
-    else:
-      examples = [self.source[int(i)] for i in indices]
-      images = np.stack([e[0] for e in examples])
-      labels = np.array([e[1] for e in examples], np.int32)
-    if self.random_flip:
-      # Independent stream: (seed, step) with a tag so it never equals a permutation's.
-      flips = np.random.default_rng([self.seed, 0x5F11B, step]).random(self.global_batch_size) < 0.5
-      flips = flips[rows]
-      images[flips] = images[flips, :, ::-1]
-    cond = {'label': labels.astype(np.int32)} if self.with_labels else {}
-    return {'x': images.astype(np.float32, copy=False), 'cond': cond}
+  def iterate(self, start_step: int, *, prefetch: int = 4) -> Iterator[dict[str, Any]]:
+    """Batches of steps start_step, start_step + 1, ..., from Grain worker processes.
 
-  def iterate(self, start_step: int, *, num_workers: int = 2,
-              prefetch: int = 4) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of steps start_step, start_step + 1, ... computed ahead in threads.
-
-    Batches are independent of each other, so they are prepared in parallel
-    and still come out in order.
+    Grain slices the batches among the workers and interleaves their outputs
+    back in order, so the stream is `batch(step)` for any number of workers.
     """
-    with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
-      pending = [pool.submit(self.batch, s) for s in range(start_step, start_step + prefetch)]
-      step = start_step + prefetch
-      try:
-        while True:
-          out = pending.pop(0).result()
-          pending.append(pool.submit(self.batch, step))
-          step += 1
-          yield out
-      finally:
-        for f in pending:
-          f.cancel()
+    dataset = self._batches[start_step:].to_iter_dataset(
+        grain.ReadOptions(num_threads=max(1, min(4, prefetch)), prefetch_buffer_size=prefetch))
+    if self.num_workers > 0:
+      if not flags.FLAGS.is_parsed():
+        # Grain reads its absl flags when it starts workers; in a library call (tests,
+        # notebooks) nobody parsed them, and their defaults are what we want.
+        flags.FLAGS.mark_as_parsed()
+      dataset = dataset.mp_prefetch(
+          grain.MultiprocessingOptions(num_workers=self.num_workers,
+                                       per_worker_buffer_size=prefetch),
+          worker_init_fn=_exit_with_parent)
+    iterator = iter(dataset)
+    try:
+      yield from iterator
+    finally:
+      close = getattr(iterator, 'close', None)
+      if close is not None:
+        close()
 
 
 def create_train_pipeline(config, *, process_index: int = 0,
                           process_count: int = 1) -> Pipeline:
-  """The training pipeline of `config` (data.split, batch size, seed, flips, labels)."""
+  """The training pipeline of `config` (data.split, batch size, seed, flips, labels, workers)."""
   num_classes = int(config.model.num_classes)
   source = create_source(config.data, split=config.data.split, num_classes=num_classes)
   return Pipeline(
@@ -347,7 +402,8 @@ def create_train_pipeline(config, *, process_index: int = 0,
       random_flip=bool(config.data.random_flip),
       with_labels=num_classes > 0,
       process_index=process_index,
-      process_count=process_count)
+      process_count=process_count,
+      num_workers=int(config.data.get('num_workers', -1)))
 
 
 def eval_batches(config, *, batch_size: int, num_examples: int | None = None,

@@ -1,8 +1,9 @@
 """What tests/test_behaviour.py pins: 20 training losses and fixed-key samples of configs/tiny.py.
 
 `compute()` uses the package's public pieces the way training and sampling do;
-tests/fixtures/make_behaviour_fixture.py saved its output from the code before
-the architecture refactor, so the two must agree bitwise.
+tests/fixtures/make_behaviour_fixture.py saved its output (first before the
+architecture refactor, again when the data order moved to Grain), so the two must
+agree bitwise.
 """
 
 import dataclasses

@@ -1,6 +1,14 @@
 """Refactors keep the numbers: 20 training losses and fixed-key DDIM/DDPM samples of the
-tiny config equal, bit for bit, what the code computed before the architecture refactor
-(tests/fixtures/behaviour_tiny.npz, from tests/fixtures/make_behaviour_fixture.py)."""
+tiny config equal, bit for bit, the recorded ones (tests/fixtures/behaviour_tiny.npz, from
+tests/fixtures/make_behaviour_fixture.py).
+
+They were first recorded before the architecture refactor, and re-recorded (losses and
+samples alike) when the data order moved to Grain (issue 20): the 20 training batches are
+now Grain's shuffle of the digits, so the losses change, and the samples, drawn from the
+parameters after those 20 steps, change with them. The re-recording was made from the commit
+that reproduced the first recording bitwise with the old order (c42c09b), changing only the
+input pipeline.
+"""
 
 import os
 

@@ -47,15 +47,16 @@ def _install_faults(train):
     train_io.MetricWriter.write = write_then_signal
   if 'NAN_AT_BATCH' in env:
     nan_step = int(env['NAN_AT_BATCH'])
-    batch = data.Pipeline.batch
+    # Batches come from Grain workers, so the hook wraps the iterator, not `batch`.
+    iterate = data.Pipeline.iterate
 
-    def nan_batch(self, step):
-      out = batch(self, step)
-      if step == nan_step:
-        out['x'] = out['x'] * float('nan')
-      return out
+    def nan_iterate(self, start_step, **kw):
+      for step, out in enumerate(iterate(self, start_step, **kw), start_step):
+        if step == nan_step:
+          out['x'] = out['x'] * float('nan')
+        yield out
 
-    data.Pipeline.batch = nan_batch
+    data.Pipeline.iterate = nan_iterate
   if 'NAN_UPDATE_AT' in env:
     _nan_update_at(int(env['NAN_UPDATE_AT']))
   if 'FAIL_SAVE_AT' in env:
