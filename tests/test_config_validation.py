@@ -103,6 +103,20 @@ def test_seed_range_ends_are_accepted(seed):
   config_utils.validate_config(config)
 
 
+@pytest.mark.parametrize('num_workers', [-2, -7, True])
+def test_bad_num_workers_is_rejected(num_workers):
+  config = tiny.get_config()
+  config.data.num_workers = num_workers
+  assert _rejected(config).startswith(f'config.data.num_workers = {num_workers!r}: ')
+
+
+@pytest.mark.parametrize('num_workers', [-1, 0, 3])
+def test_num_workers_accepts_the_machine_default_and_counts(num_workers):
+  config = tiny.get_config()
+  config.data.num_workers = num_workers
+  config_utils.validate_config(config)
+
+
 def _run_train(*args, cwd=REPO):
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
   for k in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
