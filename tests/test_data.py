@@ -71,19 +71,105 @@ def test_every_epoch_visits_every_example_once():
   np.testing.assert_array_equal(images, stream.astype(np.float32))
 
 
-def test_workers_do_not_change_the_batches():
-  """0 and 2 Grain worker processes, with flips and labels, give bitwise the same stream."""
-  src = data.digits_source('train', 8, 1)
-  kw = dict(with_labels=True, random_flip=True, process_index=1, process_count=2)
+def _write_png(path, array):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(array).save(path)
+
+
+@pytest.fixture(scope='module')
+def photo_folder(tmp_path_factory):
+  """24 PNG/JPEG files of mixed sizes in two class subfolders."""
+  root = tmp_path_factory.mktemp('photos')
+  rng = np.random.RandomState(0)
+  for i in range(24):
+    h, w = (10 + i % 5, 8 + 2 * (i % 3))
+    image = Image.fromarray(rng.randint(0, 256, (h, w, 3), np.uint8))
+    sub = root / ('cats' if i % 3 else 'dogs')
+    sub.mkdir(exist_ok=True)
+    image.save(sub / f'{i:02d}.{"png" if i % 2 else "jpg"}')
+  return str(root)
+
+
+def _pil_reference(path, size):
+  """uint8 [size, size, 3]: PIL alone, central square then bicubic resize."""
+  with Image.open(path) as im:
+    im = im.convert('RGB')
+    w, h = im.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return np.asarray(im.crop((left, top, left + side, top + side)).resize((size, size),
+                                                                           Image.BICUBIC))
+
+
+def test_folder_batches_match_pil_and_the_8_bit_grid(photo_folder):
+  src = data.FolderSource(photo_folder, 6, 3)
+  p = _pipeline(src, global_batch_size=8)
+  for step in (0, 4):  # 4 * 8 examples: the second epoch
+    x = p.batch(step)['x']
+    ref = np.stack([_pil_reference(src.files[i], 6) for i in p.global_indices(step)])
+    assert x.dtype == np.float32
+    np.testing.assert_array_equal(np.round((x.astype(np.float64) + 1) * 127.5), ref)
+    np.testing.assert_allclose(x, ref / 127.5 - 1, rtol=0, atol=1e-7)
+
+
+def test_image_sources_decode_to_uint8_in_grain():
+  """What Grain's workers compute and ship for an image source is uint8; float only after."""
+  record = {'image': _png_bytes(np.full((5, 7, 3), 200, np.uint8)), 'label': 3}
+  decoded = data.transforms.DecodeImage(3).map(record)
+  assert decoded['x'].dtype == np.uint8 and decoded['x'].shape == (5, 7, 3)
+  cropped = data.transforms.CenterCropResize(4).map(decoded)
+  np.testing.assert_array_equal(cropped['x'], np.full((4, 4, 3), 200, np.uint8))
+  batch = data.transforms.to_model_batch(
+      {'x': np.stack([cropped['x']]), 'label': np.array([3])}, with_labels=True)
+  np.testing.assert_array_equal(batch['x'], np.full((1, 4, 4, 3), 200 / 127.5 - 1, np.float32))
+  assert batch['cond']['label'].dtype == np.int32
+
+
+def _png_bytes(array):
+  import io  # pylint: disable=g-import-not-at-top
+  out = io.BytesIO()
+  Image.fromarray(array).save(out, format='PNG')
+  return out.getvalue()
+
+
+def test_workers_do_not_change_the_batches_or_the_state(photo_folder):
+  """0 and 2 Grain worker processes, with decoding, flips and labels, give bitwise the same
+  stream, and the same iterator state."""
+  src = data.FolderSource(photo_folder, 6, 3, with_labels=True)
+  kw = dict(global_batch_size=8, with_labels=True, random_flip=True, process_index=1,
+            process_count=2)
   ref = _pipeline(src, num_workers=0, **kw)
+  assert next(iter(ref.grain_dataset(0)))['x'].dtype == np.uint8
   it = _pipeline(src, num_workers=2, **kw).iterate(5)
   try:
     for step in range(5, 12):
       got, want = next(it), ref.batch(step)
       np.testing.assert_array_equal(got['x'], want['x'])
       np.testing.assert_array_equal(got['cond']['label'], want['cond']['label'])
+    assert it.get_state() == ref.iterate(12).get_state() == {
+        'next_step': 12, 'seed': 0, 'num_examples': 24, 'global_batch_size': 8,
+        'random_flip': True, 'with_labels': True}
   finally:
     it.close()
+
+
+def test_iterator_state_moves_the_stream_and_refuses_another_order():
+  src = data.digits_source('train', 8, 1)
+  p = _pipeline(src)
+  it = p.iterate(2)
+  next(it)
+  state = it.get_state()
+  assert state['next_step'] == 3
+  other = _pipeline(src).iterate(0)
+  other.set_state(state)
+  np.testing.assert_array_equal(next(other)['x'], p.batch(3)['x'])
+  assert other.get_state()['next_step'] == 4
+  with pytest.raises(data.DatasetError, match=r'seed 0 \(saved\) vs 1'):
+    _pipeline(src, seed=1).iterate(0).set_state(state)
+  with pytest.raises(data.DatasetError, match=r'num_examples 1500 \(saved\) vs 297'):
+    _pipeline(data.digits_source('test', 8, 1)).iterate(0).set_state(state)
+  it.close()
+  other.close()
 
 
 def test_num_workers_default_fits_the_machine():
@@ -122,9 +208,8 @@ def test_labels_follow_images(digits_images):
   assert _pipeline(src).batch(2)['cond'] == {}
 
 
-def _write_png(path, array):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(array).save(path)
+def _example(source, i):
+  return data.examples(grain.MapDataset.source(source), source)[i]
 
 
 def test_folder_center_crop_and_labels(tmp_path):
@@ -137,15 +222,17 @@ def test_folder_center_crop_and_labels(tmp_path):
   (tmp_path / 'notes.txt').write_text('not an image')
   src = data.FolderSource(str(tmp_path), 6, 3, with_labels=True)
   assert len(src) == 2 and src.classes == ['cats', 'dogs']
-  image, label = src[0]
-  np.testing.assert_allclose(image, centre.astype(np.float64) / 127.5 - 1, atol=1e-6)
-  assert label == 0
-  image, label = src[1]  # constant image: any resize keeps the value
-  np.testing.assert_allclose(image, np.full((6, 6, 3), 40 / 127.5 - 1), atol=1e-6)
-  assert label == 1
+  with open(tmp_path / 'cats' / 'a.png', 'rb') as f:
+    assert src[0] == {'image': f.read(), 'label': 0}  # the record: the file, undecoded
+  example = _example(src, 0)
+  np.testing.assert_array_equal(example['x'], centre)
+  assert example['label'] == 0
+  example = _example(src, 1)  # constant image: any resize keeps the value
+  np.testing.assert_array_equal(example['x'], np.full((6, 6, 3), 40, np.uint8))
+  assert example['label'] == 1
   gray = data.FolderSource(str(tmp_path), 6, 1)
   luma = 0.299 * centre[..., 0] + 0.587 * centre[..., 1] + 0.114 * centre[..., 2]
-  np.testing.assert_allclose(gray[0][0][..., 0] * 127.5 + 127.5, luma, atol=1.0)
+  np.testing.assert_allclose(_example(gray, 0)['x'][..., 0], luma, atol=1.0)
 
 
 def test_tfds_mock_cifar10(tmp_path):
@@ -154,11 +241,11 @@ def test_tfds_mock_cifar10(tmp_path):
     src = data.TFDSSource('cifar10', 'train', 32, 3, data_dir=str(tmp_path), with_labels=True)
     raw = tfds.data_source('cifar10', split='train', data_dir=str(tmp_path))
     assert len(src) == 12
-    image, label = src[5]
-    np.testing.assert_allclose(image, raw[5]['image'].astype(np.float64) / 127.5 - 1, atol=1e-6)
-    assert label == int(raw[5]['label'])
+    example = _example(src, 5)
+    np.testing.assert_array_equal(example['x'], raw[5]['image'])
+    assert example['label'] == int(raw[5]['label'])
     small = data.TFDSSource('cifar10', 'train', 8, 1, data_dir=str(tmp_path))
-    assert small[5][0].shape == (8, 8, 1)
+    assert _example(small, 5)['x'].shape == (8, 8, 1)
 
 
 @pytest.mark.parametrize('dataset, field, message', [
@@ -191,3 +278,16 @@ def test_eval_batches_in_order(digits_images):
   assert [len(b['x']) for b in batches] == [100, 100, 50]
   np.testing.assert_array_equal(np.concatenate([b['cond']['label'] for b in batches]),
                                 digits_images.target[1500:1750])
+  x = np.concatenate([b['x'] for b in batches])[..., 0]
+  np.testing.assert_array_equal(x, (digits_images.images[1500:1750] / 8.0 - 1.0).astype(np.float32))
+
+
+def test_eval_batches_of_a_folder_in_file_order(photo_folder):
+  config = tiny.get_config()
+  config.data.dataset, config.data.data_dir = 'folder', photo_folder
+  config.data.image_size, config.data.channels = 6, 3
+  src = data.FolderSource(photo_folder, 6, 3)
+  x = np.concatenate([b['x'] for b in data.eval_batches(config, batch_size=10)])
+  assert len(x) == 24
+  ref = np.stack([_pil_reference(f, 6) for f in src.files])
+  np.testing.assert_array_equal(np.round((x.astype(np.float64) + 1) * 127.5), ref)

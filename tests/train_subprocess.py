@@ -48,15 +48,16 @@ def _install_faults(train):
   if 'NAN_AT_BATCH' in env:
     nan_step = int(env['NAN_AT_BATCH'])
     # Batches come from Grain workers, so the hook wraps the iterator, not `batch`.
-    iterate = data.Pipeline.iterate
+    next_batch = data.BatchIterator.__next__
 
-    def nan_iterate(self, start_step, **kw):
-      for step, out in enumerate(iterate(self, start_step, **kw), start_step):
-        if step == nan_step:
-          out['x'] = out['x'] * float('nan')
-        yield out
+    def nan_next(self):
+      step = self.step
+      out = next_batch(self)
+      if step == nan_step:
+        out['x'] = out['x'] * float('nan')
+      return out
 
-    data.Pipeline.iterate = nan_iterate
+    data.BatchIterator.__next__ = nan_next
   if 'NAN_UPDATE_AT' in env:
     _nan_update_at(int(env['NAN_UPDATE_AT']))
   if 'FAIL_SAVE_AT' in env:
