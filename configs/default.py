@@ -13,15 +13,14 @@ def get_config():
   config.seed = 0
 
   config.data = data = ml_collections.ConfigDict()
-  data.dataset = 'cifar10'  # tfds name, 'digits', or 'folder'
+  data.dataset = 'cifar10'  # tfds name, 'digits', 'folder' or 'array_record'
   data.split = 'train'
   data.eval_split = 'test'
   data.image_size = 32
   data.channels = 3
   data.random_flip = True
-  data.data_dir = ''  # tfds data_dir, or the image folder for 'folder'
+  data.data_dir = ''  # tfds data_dir, the image folder, or jaxddpm.data.prepare's output
   data.center_crop = True
-  data.shuffle_buffer = 10_000
   # Grain worker processes that decode and augment; -1: min(4, cores - 1). The data
   # order does not depend on it.
   data.num_workers = -1

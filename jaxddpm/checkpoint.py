@@ -4,19 +4,18 @@ Layout (one Orbax `CheckpointManager` over `workdir/checkpoints`):
 
 ```
 workdir/checkpoints/
-  000000400/           one folder per saved step, written atomically
+  400/                 one folder per saved step, written atomically
     params/            the raw parameters (an Orbax item)
     ema_params/        the EMA parameters (an Orbax item)
     train/             every other field of the state: step, opt_state, rng, ...
+    data/              the data iterator's state, one JSON file per process (Grain's handler)
 ```
 
-The parameters are items of their own, so `load_params` can read `params` or `ema_params`
-alone, without knowing (or reading) the optimizer state. A params-only checkpoint
-(`save_params`, used by the weight converters) has just the `params` item and optionally
-`ema_params`.
-
-A checkpoint folder only appears under its final name once every process has finished
-writing it, so a run killed mid-save leaves the previous checkpoint as the latest complete one.
+The parameters are items of their own, so `load_params` reads one alone, without knowing
+(or reading) the optimizer state; a params-only checkpoint (`save_params`, for the weight
+converters) has just `params` and optionally `ema_params`. A checkpoint folder only appears
+under its final name once every process has finished writing it, so a run killed mid-save
+leaves the previous checkpoint as the latest complete one.
 
 Damage that happens after a save (a flipped byte, a deleted manifest, a stray empty step
 folder, a NaN that slipped into the weights) is caught on restore:
@@ -34,6 +33,7 @@ import logging
 import os
 from typing import Any, Callable
 
+import grain
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
@@ -112,6 +112,7 @@ def describe_nonfinite(counts: dict[str, int]) -> str:
 
 _PARAM_ITEMS = ('params', 'ema_params')
 _OTHER_ITEM = 'train'
+DATA_ITEM = 'data'
 
 
 def _fields(state: PyTree) -> dict[str, PyTree]:
@@ -220,6 +221,7 @@ class Checkpointer:
     # Naming the items' handlers lets Orbax read their metadata, so a single item can be
     # restored without a template (`restore_item`).
     handlers = {name: ocp.StandardCheckpointHandler() for name in (*_PARAM_ITEMS, _OTHER_ITEM)}
+    handlers[DATA_ITEM] = grain.checkpoint.CheckpointHandler()
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
@@ -233,8 +235,8 @@ class Checkpointer:
     """Rereads the steps on disk, after checkpoint folders were moved (`workdir.quarantine`)."""
     self._manager.reload()
 
-  def save(self, step: int, state: PyTree, *, force: bool = False) -> bool:
-    """Saves `state` (a dataclass or dict of pytrees) as checkpoint `step`.
+  def save(self, step: int, state: PyTree, *, force: bool = False, data=None) -> bool:
+    """Saves `state` (a dataclass or dict of pytrees), and data iterator `data`'s, as `step`.
 
     Returns False (and writes nothing) when a checkpoint for `step` exists already, e.g. a
     signal-triggered save landing on a periodic one.
@@ -247,6 +249,8 @@ class Checkpointer:
       return False
     items = {k: ocp.args.StandardSave(v)
              for k, v in _state_items(state).items() if not _is_empty(v)}
+    if data is not None:
+      items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data)
     # Orbax first waits for the previous save, so its failure (e.g. ENOSPC) surfaces here too.
     with _save_failures():
       return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -270,6 +274,17 @@ class Checkpointer:
   def _restore(self, step: int, abstract_items: dict[str, PyTree]) -> dict[str, PyTree]:
     args = {k: ocp.args.StandardRestore(v) for k, v in abstract_items.items()}
     return self._manager.restore(int(step), args=ocp.args.Composite(**args))
+
+  def restore_data(self, step: int, iterator) -> bool:
+    """Sets `iterator`'s state (through Grain's handler: `set_state`) to checkpoint `step`'s.
+    False, setting nothing, where it has none for this process: an older checkpoint, or one of
+    another number of processes (Grain writes `data/process_I-of-N.json`)."""
+    name = f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+    if not os.path.isfile(os.path.join(self.directory, str(int(step)), DATA_ITEM, name)):
+      return False
+    self._manager.restore(int(step), args=ocp.args.Composite(
+        **{DATA_ITEM: grain.checkpoint.CheckpointRestore(iterator)}))
+    return True
 
   def item_names(self, step: int) -> list[str]:
     """Names of the items stored in checkpoint `step` (e.g. ['ema_params', 'params'])."""
@@ -372,9 +387,8 @@ def save_params(workdir: str, params: PyTree, *, step: int = 0,
   `load_params` (and so by `jaxddpm.load_run`) like a training checkpoint. `ema_params` is
   stored as a separate item when given.
   """
-  state = {'params': params}
-  if ema_params is not None:
-    state['ema_params'] = ema_params
+  state = {'params': params} if ema_params is None else {'params': params,
+                                                          'ema_params': ema_params}
   with Checkpointer(checkpoint_dir(workdir), async_save=False) as ckpt:
     if int(step) in ckpt.all_steps():
       raise FileExistsError(f'{ckpt.directory} already holds a checkpoint for step {step}.')

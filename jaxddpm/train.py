@@ -161,15 +161,15 @@ def _state_init(config, model, mesh) -> tuple[Callable, train_state.TrainState]:
   return init_fn, abstract
 
 
-def _restore_or_init(config, workdir: str, pipeline, ckpt: checkpoint.Checkpointer, init_fn,
+def _restore_or_init(config, workdir: str, batches, ckpt: checkpoint.Checkpointer, init_fn,
                      abstract) -> tuple[train_state.TrainState, int | None]:
-  """The newest good checkpoint's state or a fresh one, and the restored step (None: fresh).
-  Also writes config.json (process 0)."""
+  """The newest good checkpoint's state (`batches` moved to its step) or a fresh one, and the
+  restored step (None: fresh). Also writes config.json (process 0)."""
   with _as_train_error(workdir_lib.WorkdirError):
-    restored = workdir_lib.restore_newest(ckpt, abstract, workdir)
+    restored = workdir_lib.restore_newest(ckpt, abstract, workdir, batches)
   resumed = None if restored is None else restored[0]
   num_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract.params))
-  train_io.describe_run(config, num_params, len(pipeline.source), workdir, resumed)
+  train_io.describe_run(config, num_params, len(batches.pipeline.source), workdir, resumed)
   state = init_fn(jax.random.PRNGKey(int(config.seed))) if restored is None else restored[1]
   if parallel.is_main_process():
     with _as_train_error(workdir_lib.WorkdirError, workdir=workdir):
@@ -242,8 +242,9 @@ class _Saves:
   """The save policy: only finite states reach disk, and a failed save (at once or in
   Orbax's background) becomes a SaveError naming the last good checkpoint."""
 
-  def __init__(self, ckpt: checkpoint.Checkpointer, workdir: str, last_saved: int | None):
-    self._ckpt, self._workdir = ckpt, workdir
+  def __init__(self, ckpt: checkpoint.Checkpointer, workdir: str, last_saved: int | None,
+               batches: data_lib.BatchIterator):
+    self._ckpt, self._workdir, self._batches = ckpt, workdir, batches
     self.last_saved = last_saved  # the newest checkpoint saved or restored
     self._saving = None  # the newest save this run started
 
@@ -272,7 +273,7 @@ class _Saves:
             f'The state at step {step} holds non-finite values '
             f'({checkpoint.describe_nonfinite(bad)}); it was not saved and '
             f'{_kept(self.last_saved)}.')
-      self._ckpt.save(step, state, force=True)
+      self._ckpt.save(step, state, force=True, data=self._batches)
     self.last_saved = self._saving = step
 
   def finish(self, step: int, state: train_state.TrainState, *, stopped: bool) -> None:
@@ -407,16 +408,16 @@ def _train(config, workdir: str, pipeline) -> dict[str, Any]:
   ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir),
                                  keep=int(config.training.keep_checkpoints))
   total = int(config.training.num_train_steps)
-  writer = progress = batches = None
+  writer = progress = None
+  batches = pipeline.iterate(0)  # its workers start at the first batch, at the restored step
   try:
-    state, resumed = _restore_or_init(config, workdir, pipeline, ckpt, init_fn, abstract)
+    state, resumed = _restore_or_init(config, workdir, batches, ckpt, init_fn, abstract)
     start = int(jax.device_get(state.step))
     step_fn, traces = _compile_step(config, model, schedule, mesh)
     writer = train_io.MetricWriter(workdir, main)
     progress = train_io.Progress(start, total, main)
-    batches = pipeline.iterate(start)
     log = train_io.MetricLog(writer, progress, start, int(config.training.batch_size))
-    saves = _Saves(ckpt, workdir, resumed)
+    saves = _Saves(ckpt, workdir, resumed, batches)
     run = _Run(config, workdir, mesh, model, schedule, step_fn, batches, writer, progress,
                log, saves)
     state, step, stopped_by = _loop(run, state, start)
@@ -435,9 +436,8 @@ def _train(config, workdir: str, pipeline) -> dict[str, Any]:
 
 
 def _close(batches, ckpt: checkpoint.Checkpointer, writer, progress) -> None:
-  """Stops the prefetching threads and closes the checkpointer and writers, on any exit."""
-  if batches is not None:
-    batches.close()
+  """Stops Grain's threads and workers and closes the checkpointer and writers, on any exit."""
+  batches.close()
   try:
     ckpt.close()
   except checkpoint.CheckpointError as e:

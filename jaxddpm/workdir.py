@@ -12,7 +12,9 @@ module keeps the folder consistent:
   workdir that has checkpoints but lost its config.json (nothing left to check
   the new config against).
 - `restore_newest` resumes from the newest checkpoint that fits the config
-  and reads back whole and finite, moving damaged newer ones aside.
+  and reads back whole and finite, moving damaged newer ones aside, and puts
+  the data iterator where that checkpoint's data state says, checking that it
+  is the same data order at the same step.
 - `WorkdirLock` lets one training run at a time use the folder. It is an
   advisory `flock` on `workdir/.lock`, which the kernel releases when the
   holder dies however it dies (SIGKILL, OOM, a crash), so a stale lock never
@@ -35,6 +37,7 @@ from typing import Any
 from absl import logging
 
 from jaxddpm import checkpoint
+from jaxddpm import data as data_lib
 from jaxddpm import parallel
 
 PyTree = Any
@@ -44,8 +47,9 @@ LOCK_FILE = '.lock'
 
 # Sections of config.json that must match for a workdir's checkpoints to be resumed.
 COMPATIBLE_SECTIONS = ('model', 'diffusion', 'data')
-# data fields that say where data lives, not what it is: allowed to change on resume.
-_RELOCATABLE_DATA_FIELDS = ('data_dir',)
+# data fields that say where the data lives or how it is read, not what it is: allowed to
+# change on resume (the data iterator's saved state checks the order itself).
+_RELOCATABLE_DATA_FIELDS = ('data_dir', 'num_workers')
 
 
 class WorkdirError(Exception):
@@ -105,10 +109,14 @@ def write_config(workdir: str, config) -> bool:
 
 # Keys added to the config after runs were saved without them, with the value those runs had.
 _ADDED_KEYS = {'model': {'name': 'unet'}}
+# Keys removed from the config that older runs' config.json still hold; they never changed
+# what was trained (data.shuffle_buffer: the order has been a full shuffle per epoch).
+_REMOVED_KEYS = {'data': ('shuffle_buffer',)}
 
 
 def _comparable(section_name: str, section: dict) -> dict:
   section = {**_ADDED_KEYS.get(section_name, {}), **section}
+  section = {k: v for k, v in section.items() if k not in _REMOVED_KEYS.get(section_name, ())}
   if section_name == 'data':
     return {k: v for k, v in section.items() if k not in _RELOCATABLE_DATA_FIELDS}
   return section
@@ -286,15 +294,17 @@ def quarantine(ckpt: checkpoint.Checkpointer, steps: list[int], workdir: str) ->
   return target
 
 
-def restore_newest(ckpt: checkpoint.Checkpointer, abstract_state,
-                   workdir: str) -> tuple[int, PyTree] | None:
+def restore_newest(ckpt: checkpoint.Checkpointer, abstract_state, workdir: str,
+                   batches: data_lib.BatchIterator | None = None) -> tuple[int, PyTree] | None:
   """(step, state) of the newest checkpoint that fits and reads back finite; None if none exist.
 
   `abstract_state` is the train state's tree of `jax.ShapeDtypeStruct`s.
   Newer checkpoints that are damaged are moved to workdir/checkpoints.damaged/
   (so they neither count as the latest nor block saves at their steps) and
-  named in a warning. Raises WorkdirError when checkpoints exist but none is
-  usable (nothing is moved then), or when this config does not fit them.
+  named in a warning. `batches`, the training data iterator, is moved to the
+  restored step (`restore_data_state`). Raises WorkdirError when checkpoints
+  exist but none is usable (nothing is moved then), or when this config (or
+  its data) does not fit them.
   """
   steps = ckpt.all_steps()
   if not steps:
@@ -314,7 +324,34 @@ def restore_newest(ckpt: checkpoint.Checkpointer, abstract_state,
     moved_to = quarantine(ckpt, [s for s, _ in rejected], workdir)
     logging.warning('%s. Moved to %s; resuming from checkpoint %d, the newest good one.',
                     reasons[0].upper() + reasons[1:], moved_to, step)
+  if batches is not None:
+    restore_data_state(ckpt, step, batches, workdir)
   return step, state
+
+
+def restore_data_state(ckpt: checkpoint.Checkpointer, step: int,
+                       batches: data_lib.BatchIterator, workdir: str) -> None:
+  """Restores the data iterator state saved with checkpoint `step` into `batches`.
+
+  The saved state must be this pipeline's data order (`BatchIterator.set_state`) and
+  continue at `step`; a checkpoint without one (older runs, or another number of
+  processes) or with an unreadable one puts `batches` at `step`, which defines the batches
+  as well. Raises WorkdirError when the data order does not fit.
+  """
+  try:
+    restored = ckpt.restore_data(step, batches)
+  except data_lib.DatasetError as e:
+    raise WorkdirError(f'Checkpoint {step} in {workdir!r}: {e}') from e
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning('The data state of checkpoint %d cannot be read (%s); continuing the '
+                    'data order from step %d.', step, checkpoint.first_line(e), step)
+    restored = False
+  if not restored:
+    batches.set_state({**batches.get_state(), 'next_step': int(step)})
+  elif batches.step != step:
+    raise WorkdirError(
+        f'Checkpoint {step} in {workdir!r} holds a data state for step {batches.step}, not '
+        f'{step}; the checkpoint is inconsistent. Move it away to resume from an older one.')
 
 
 def _safe_item_names(ckpt: checkpoint.Checkpointer, step: int) -> list[str]:

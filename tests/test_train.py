@@ -273,6 +273,9 @@ def test_end_to_end_smoke(reference):
     grid = Image.open(workdir / 'samples' / f'step_{step:06d}.png')
     assert grid.size == (4 * 10 + 2, 4 * 10 + 2)  # 16 images of 8x8, 4 columns, padding 2
   assert checkpoint.saved_steps(str(workdir)) == [4, 8]
+  for step in (4, 8):  # the data iterator's state, through Grain's Orbax handler
+    with open(workdir / 'checkpoints' / str(step) / 'data' / 'process_0-of-1.json') as f:
+      assert json.load(f)['next_step'] == step
   ema, raw = _params(workdir, ema=True), _params(workdir, ema=False)
   assert jax.tree.structure(ema) == jax.tree.structure(raw)
   assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(raw)))
@@ -297,6 +300,35 @@ def test_resume_after_sigterm_and_sigkill_is_bitwise_exact(reference, tmp_path, 
   assert summary['step'] == STEPS and summary['train_step_traces'] == 1
   for ema in (False, True):
     _assert_trees_equal(_params(tmp_path, ema), _params(ref_dir, ema))
+
+
+def test_workdir_without_data_states_resumes_bitwise_exact(reference, tmp_path, cache_dir):
+  # Checkpoints written before the data iterator's state was saved hold no `data` item.
+  ref_dir, _ = reference
+  workdir = tmp_path / 'run'
+  shutil.copytree(ref_dir, workdir)
+  shutil.rmtree(workdir / 'checkpoints' / '8')
+  shutil.rmtree(workdir / 'checkpoints' / '4' / 'data')
+  code, summary, err = _run(workdir, cache_dir)
+  assert code == 0, err
+  assert summary['trained_steps'] == 4
+  for ema in (False, True):
+    _assert_trees_equal(_params(workdir, ema), _params(ref_dir, ema))
+
+
+def test_another_data_order_on_resume_is_refused(reference, tmp_path, monkeypatch):
+  # The seed is outside config.json's compared sections; the saved data state catches it.
+  ref_dir, _ = reference
+  workdir = tmp_path / 'run'
+  shutil.copytree(ref_dir, workdir)
+  before = _tree_digest(workdir)
+  monkeypatch.setattr(train, 'make_train_step', lambda *a, **k: pytest.fail('compute'))
+  config = _configure(tiny.get_config(), BASE)
+  config.seed = 1
+  with pytest.raises(train.TrainError, match=r'Checkpoint 8 .*data order .*seed 0 \(saved\) '
+                     r'vs 1'):
+    train.train_and_evaluate(config, str(workdir))
+  assert _tree_digest(workdir) == before
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(reference, tmp_path, cache_dir):
