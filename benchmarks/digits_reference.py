@@ -56,7 +56,7 @@ def main(argv):
   source = data.create_source(config.data, split=config.data.split)
   # A random subset: the digits are ordered by writer, so a contiguous block is not iid.
   picked = np.random.default_rng(_SEED.value).choice(len(source), num, replace=False)
-  train = source.get_batch(np.sort(picked))[0]
+  train = source.images[np.sort(picked)]  # the digits: an in-memory ArraySource
   rows = {'held-out real digits': held_out, 'random training digits': train,
           'uniform noise': noise.astype(np.float32)}
   if _WORKDIR.value is not None:

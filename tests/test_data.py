@@ -125,6 +125,17 @@ def test_image_sources_decode_to_uint8_in_grain():
   assert batch['cond']['label'].dtype == np.int32
 
 
+def test_uint8_to_float_is_x_over_127_5_minus_1_in_float32():
+  values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+  got = data.uint8_to_float(values)
+  assert got.dtype == np.float32
+  # Bitwise the float32 expression the pipeline has always used (the behaviour fixture and
+  # resumed runs depend on it), and within float32 rounding of the exact value.
+  np.testing.assert_array_equal(got, values.astype(np.float32) / np.float32(127.5) - np.float32(1))
+  np.testing.assert_allclose(got, values / 127.5 - 1, rtol=0, atol=2**-24)
+  assert got[0, 0] == -1 and got[-1, -1] == 1
+
+
 def _png_bytes(array):
   import io  # pylint: disable=g-import-not-at-top
   out = io.BytesIO()

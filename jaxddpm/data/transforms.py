@@ -74,8 +74,13 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
 
 
 def uint8_to_float(image: np.ndarray) -> np.ndarray:
-  """uint8 {0..255} -> float32 [-1, 1]: x / 127.5 - 1 (DDPM, Sec. 3.3)."""
-  return image.astype(np.float32) / 127.5 - 1.0
+  """uint8 {0..255} -> float32 [-1, 1]: x / 127.5 - 1 (DDPM, Sec. 3.3), in float32."""
+  # In place: the main process converts every batch, and each temporary of a 32 x 256^2 x 3
+  # batch is 25 MB (a third of the time, and bitwise the same as `x / 127.5 - 1.0`).
+  x = image.astype(np.float32)
+  np.divide(x, np.float32(127.5), out=x)
+  np.subtract(x, np.float32(1.0), out=x)
+  return x
 
 
 class DecodeImage(grain.transforms.Map):
