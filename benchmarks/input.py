@@ -21,7 +21,8 @@ Every row runs once per repeat, the rows of a repeat one after the other, so a
 slow spell of a shared machine falls on all of them; it prints the median
 images/s over the repeats, their range, and the median's speed-up over
 `threads 2`. `--profile` adds the time of each stage for one image (and one
-batch) in one thread, and cProfile's top functions of the in-process pipeline.
+batch) in one thread, the ceiling that puts on any pipeline with all cores
+busy, and cProfile's top functions of the in-process pipeline.
 """
 
 import concurrent.futures
@@ -178,6 +179,12 @@ def main(argv):
     print('\n# one thread, ms')
     for name, ms in stages:
       print(f'{name:<44} {ms:7.3f}')
+    # The work of one image in any pipeline: its stages, and its share of a batch's stacking
+    # (in the workers) and conversion (in the main process).
+    per_image = sum(ms for _, ms in stages[:4]) + sum(ms for _, ms in stages[4:6]) / _BATCH.value
+    cores = os.cpu_count()
+    print(f'one image, all stages: {per_image:.2f} ms of CPU, so at most '
+          f'{cores * 1e3 / per_image:.0f} images/s on {cores} fully used cores')
     print(f'\n# cProfile of Pipeline.batch over {_BATCHES.value} batches, in process')
     print(profile)
 
