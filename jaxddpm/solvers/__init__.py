@@ -59,6 +59,9 @@ OPTIONS = {
     'heun': ('timestep_spacing', 's_churn', 's_tmin', 's_tmax', 's_noise'),
 }
 DEFAULT_FEW_STEPS = 20
+# Option values that change nothing (eta = 0 is deterministic DDIM, s_churn = 0 no churn, ...):
+# given to a solver that does not take the option, they are not an error.
+NEUTRAL = {'eta': 0.0, 's_churn': 0.0, 's_tmin': 0.0, 's_tmax': float('inf'), 's_noise': 1.0}
 
 
 def spacings(name: str) -> tuple[str, ...]:
@@ -76,13 +79,15 @@ def min_steps(name: str, order: int | None = None) -> int:
 
 
 def check_options(name: str, **options) -> None:
-  """Raises ValueError when an option `name` does not take is given (not None).
+  """Raises ValueError when an option `name` does not take is given (not None, and not at a
+  `NEUTRAL` value).
 
   E.g. check_options('dpmpp_2m', eta=0.5): DDIM's eta means nothing to DPM-Solver++.
   """
   if name not in SOLVERS:
     raise ValueError(f'unknown solver {name!r}; expected one of {SOLVERS}')
-  extra = sorted(k for k, v in options.items() if v is not None and k not in OPTIONS[name])
+  given = {k for k, v in options.items() if v is not None and v != NEUTRAL.get(k, None)}
+  extra = sorted(k for k in given if k not in OPTIONS[name])
   if extra:
     takers = sorted({s for k in extra for s in SOLVERS if k in OPTIONS[s]})
     raise ValueError(f'solver {name!r} does not take {", ".join(extra)} (taken by '
@@ -162,7 +167,7 @@ def make_solver(schedule: schedules_lib.Schedule, name: str = 'ddpm', *,
 
 
 __all__ = [
-    'SOLVERS', 'FEW_STEP_SOLVERS', 'OPTIONS', 'make_solver', 'check_options', 'min_steps',
+    'SOLVERS', 'FEW_STEP_SOLVERS', 'OPTIONS', 'NEUTRAL', 'make_solver', 'check_options', 'min_steps',
     'spacings', 'base', 'ddim', 'ddpm', 'dpm_solver', 'driver', 'guidance', 'heun',
     'inpainting', 'multistep', 'repaint', 'time_grids', 'unipc', 'OP_SKIP', 'OP_STEP', 'Plan', 'State', 'make_plan', 'run_chunk', 'sample',
     'classifier_free_guidance', 'masked_psnr',
