@@ -23,10 +23,12 @@ relative difference of 1 / (2 sigma_max^2); here the start is x_T itself).
 
 The state holds x_vp = x / sqrt(1 + sigma^2), as every solver's state (`base.Grid`): the
 wrappers see the usual noise levels. The step is written as
-x_{i+1} = (sigma_{i+1} / sigma^_i) x^_i + (1 - sigma_{i+1} / sigma^_i) D and
-x_{i+1} <- x_{i+1} + (sigma_{i+1} - sigma^_i) (d'_i - d_i) / 2, the same update arranged so that
-float32 never subtracts two numbers of the size of sigma^_i x (2e4 at the top of the cosine
-schedule, where Algorithm 2 as written loses 1e-4 of the result to round-off).
+x_{i+1} = (sigma_{i+1} / sigma^_i) x^_i + (1 - sigma_{i+1} / sigma^_i) D(x^_i) (Euler) and
+x_{i+1} <- x_{i+1} + (sigma_{i+1} - sigma^_i) / (2 sigma_{i+1}) (D(x^_i) - D(x_{i+1})) (since
+d'_i - d_i = (D(x^_i) - D(x_{i+1})) / sigma_{i+1} after the Euler step), the same update arranged
+so that float32 neither subtracts two numbers of the size of sigma^_i x (2e4 at the top of the
+cosine schedule) nor divides the round-off of x by a small sigma_{i+1}: Algorithm 2 as written
+loses up to 1e-4 of the result there.
 """
 
 from __future__ import annotations
@@ -96,12 +98,11 @@ class Heun(base.Denoising):
     x_next = ratio * x + (1.0 - ratio) * denoised  # = x^_i + (sigma_{i+1} - sigma^_i) d_i
     last = self.times.shape[0] - 1
 
-    def corrected():
+    def corrected():  # (d'_i - d_i) / 2 = (D(x^_i) - D(x_{i+1})) / (2 sigma_{i+1})
       t_next = self.times[jnp.minimum(i + 1, last)]
       denoised_next = self._denoised(model_fn, x_next * self.grid.alpha[i + 1], t_next, cond)
-      d = (x - denoised) / sigma_hat
-      d_next = (x_next - denoised_next) / sigma_next
-      return x_next + 0.5 * (sigma_next - sigma_hat) * (d_next - d)
+      weight = 0.5 * (sigma_next - sigma_hat) / sigma_next
+      return x_next + weight * (denoised - denoised_next)
 
     x_next = jax.lax.cond(i < last, corrected, lambda: x_next)
     return state.replace(x=x_next * self.grid.alpha[i + 1])
