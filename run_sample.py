@@ -8,7 +8,8 @@ of the sampling settings and the checkpoint step>), which must not hold outputs
 already; with --metrics also metrics.json there, and prints the metrics as one
 JSON line. A mistake ends as one line `run_sample.py: error: ...` and exit 1.
 
-  python run_sample.py --workdir=runs/digits --sampler=ddim --steps=50
+  python run_sample.py --workdir=runs/digits --solver=dpmpp_2m --steps=20
+  python run_sample.py --workdir=runs/digits --solver=heun --steps=19 --s_churn=10
   python run_sample.py --workdir=runs/cifar --inpaint_image=img.png --inpaint_mask=mask.png
   python run_sample.py --workdir=runs/digits --num_samples=1000 --metrics=fid,is,kid,bpd
 """
@@ -30,10 +31,20 @@ from jaxddpm import parallel
 from jaxddpm import solvers
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (config.json + checkpoints/).')
-_SAMPLER = flags.DEFINE_enum('sampler', None, list(solvers.SOLVERS),
-                             'The solver (jaxddpm.solvers): ancestral DDPM or DDIM.')
-_STEPS = flags.DEFINE_integer('steps', None, 'Denoising steps (fewer than T respaces).')
-_ETA = flags.DEFINE_float('eta', None, "DDIM's eta in [0, 1].")
+_SOLVER = flags.DEFINE_enum('solver', None, list(solvers.SOLVERS),
+                            'The solver (jaxddpm.solvers).')
+_SAMPLER = flags.DEFINE_enum('sampler', None, list(solvers.SOLVERS), 'Old name of --solver.')
+_STEPS = flags.DEFINE_integer('steps', None, 'Model evaluations (NFE); heun uses 2N - 1 <= it.')
+_ETA = flags.DEFINE_float('eta', None, "ddim: eta in [0, 1].")
+_SPACING = flags.DEFINE_string('spacing', None, 'Time steps: ddpm/ddim uniform|ddim|leading|'
+                               'trailing|linspace|quad; others logSNR|time_uniform|karras.')
+_ORDER = flags.DEFINE_integer('order', None, 'unipc: order 2 or 3.')
+_S_CHURN = flags.DEFINE_float('s_churn', None, "heun: EDM's S_churn (0: deterministic).")
+_S_TMIN = flags.DEFINE_float('s_tmin', None, "heun: EDM's S_tmin.")
+_S_TMAX = flags.DEFINE_float('s_tmax', None, "heun: EDM's S_tmax.")
+_S_NOISE = flags.DEFINE_float('s_noise', None, "heun: EDM's S_noise.")
+_THRESHOLDING = flags.DEFINE_float('thresholding', None,
+                                   'Dynamic thresholding percentile of x0, e.g. 0.995.')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', None, 'Number of samples.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', None, 'Samples per batch (all devices).')
 _SEED = flags.DEFINE_integer('seed', None, 'PRNG seed (default: the run config seed).')
@@ -75,9 +86,12 @@ def main(argv):
   try:
     extractor = evaluation.prepare_run_metrics(  # fails fast, before sampling
         _WORKDIR.value, _METRICS.value, inception_weights=_INCEPTION_WEIGHTS.value)
+    solver_options = dict(spacing=_SPACING.value, order=_ORDER.value, s_churn=_S_CHURN.value,
+                          s_tmin=_S_TMIN.value, s_tmax=_S_TMAX.value, s_noise=_S_NOISE.value,
+                          thresholding=_THRESHOLDING.value)
     result = sample.sample_run(
-        _WORKDIR.value, sampler=_SAMPLER.value, steps=_STEPS.value, eta=_ETA.value,
-        num_samples=_NUM_SAMPLES.value, batch_size=_BATCH_SIZE.value, seed=_SEED.value,
+        _WORKDIR.value, solver=_SOLVER.value, sampler=_SAMPLER.value, steps=_STEPS.value,
+        eta=_ETA.value, solver_options=solver_options, num_samples=_NUM_SAMPLES.value, batch_size=_BATCH_SIZE.value, seed=_SEED.value,
         class_label=_CLASS_LABEL.value, guidance_scale=_GUIDANCE_SCALE.value,
         inpaint_image=_INPAINT_IMAGE.value, inpaint_mask=_INPAINT_MASK.value,
         inpaint_resample=_INPAINT_RESAMPLE.value, inpaint_jump_length=_INPAINT_JUMP.value,
@@ -93,7 +107,8 @@ def main(argv):
     print(f'run_sample.py: error: {e}', file=sys.stderr)
     sys.exit(1)
   if parallel.is_main_process():
-    print(f'Wrote {len(result["images"])} samples to {result["output_dir"]}')
+    print(f'Wrote {len(result["images"])} samples ({result["nfe"]} model evaluations each) to '
+          f'{result["output_dir"]}')
     if result['psnr'] is not None:
       print(f'Inpainting PSNR of the filled region: {result["psnr"].mean():.2f} dB')
     if metrics is not None:

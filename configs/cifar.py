@@ -42,7 +42,7 @@ def get_config():
   config.training.sample_every = 10_000
   config.training.eval_every = 50_000
 
-  config.sampling.sampler = 'ddpm'  # Algorithm 2, all 1000 steps
+  config.sampling.solver = 'ddpm'  # Algorithm 2, all 1000 steps
   config.sampling.num_steps = 1000
   config.sampling.num_samples = 50_000  # Table 1: FID on 50k samples
   config.sampling.batch_size = 256

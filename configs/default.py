@@ -86,9 +86,19 @@ def get_config():
   training.num_sample_grid = 64
 
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.sampler = 'ddpm'  # ddpm | ddim
-  sampling.num_steps = 1000
-  sampling.eta = 0.0
+  # ddpm | ddim | dpmpp_2m | dpmpp_3m | dpmpp_2m_sde | unipc | heun (jaxddpm.solvers).
+  sampling.solver = 'ddpm'
+  sampling.num_steps = 1000  # model evaluations (NFE)
+  # The solver's options (0 / '': its default; each solver takes only its own):
+  sampling.eta = 0.0  # ddim
+  sampling.spacing = ''  # ddpm/ddim: uniform | ddim | leading | trailing | linspace | quad;
+  #                        others: logSNR | time_uniform | karras
+  sampling.order = 0  # unipc: 2 or 3
+  sampling.s_churn = 0.0  # heun: EDM's stochastic churn S_churn, S_tmin, S_tmax, S_noise
+  sampling.s_tmin = 0.0
+  sampling.s_tmax = float('inf')
+  sampling.s_noise = 1.0
+  sampling.thresholding = 0.0  # every solver: dynamic thresholding percentile, e.g. 0.995
   sampling.clip_denoised = True
   sampling.num_samples = 64
   sampling.batch_size = 64

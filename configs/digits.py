@@ -42,7 +42,7 @@ def get_config():
   config.training.eval_every = 1000
   config.training.num_sample_grid = 64
 
-  config.sampling.sampler = 'ddim'
+  config.sampling.solver = 'ddim'
   config.sampling.num_steps = 50
   config.sampling.num_samples = 256
   config.sampling.batch_size = 256

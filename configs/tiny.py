@@ -22,7 +22,7 @@ def get_config():
   config.training.sample_every = 0
   config.training.eval_every = 0
   config.training.num_sample_grid = 16
-  config.sampling.sampler = 'ddim'
+  config.sampling.solver = 'ddim'
   config.sampling.num_steps = 10
   config.sampling.num_samples = 16
   config.sampling.batch_size = 16

@@ -255,11 +255,22 @@ def _validate_training(tr):
       _int(tr, name, p, 0)
 
 
+def sampling_solver(sampling) -> str:
+  """The solver name of a config.sampling: `solver`, or `sampler`, its name before the
+  few-step solvers came (workdirs saved then hold only that; when present it is used)."""
+  if 'sampler' in sampling:
+    return sampling['sampler']
+  return sampling.get('solver', 'ddpm')
+
+
 def _validate_sampling(s, num_timesteps):
   p = 'sampling'
-  for name in ('sampler', 'train_grid_sampler'):
+  for name in ('solver', 'sampler', 'train_grid_sampler'):
     if name in s:
       _choice(s, name, p, solvers.SOLVERS)
+  if 'solver' in s and 'sampler' in s and s.solver != s.sampler:
+    _fail(f'{p}.sampler', s.sampler, f'is the old name of {p}.solver = {s.solver!r}; set '
+          'only solver')
   for name in ('num_steps', 'train_grid_steps'):
     if name in s:
       steps = _int(s, name, p, 2)  # as run_sample.py --steps: a respaced schedule keeps >= 2
@@ -267,6 +278,17 @@ def _validate_sampling(s, num_timesteps):
         _fail(f'{p}.{name}', steps, f'must be <= diffusion.num_timesteps = {num_timesteps}')
   if 'eta' in s:
     _number(s, 'eta', p, 0.0, 1.0)
+  if 'spacing' in s and s.spacing:
+    _choice(s, 'spacing', p, schedules.SPACINGS + solvers.time_grids.TIME_SPACINGS)
+  if 'order' in s:
+    _choice(s, 'order', p, (0, 2, 3))
+  for name, low in (('s_churn', 0.0), ('s_tmin', 0.0), ('s_tmax', 0.0)):
+    if name in s:
+      _number(s, name, p, low, float('inf'))
+  if 's_noise' in s:
+    _number(s, 's_noise', p, 0.0, float('inf'), low_open=True, high_open=True)
+  if 'thresholding' in s:
+    _number(s, 'thresholding', p, 0.0, 1.0, high_open=True)
   for name in ('num_samples', 'batch_size'):
     if name in s:
       _int(s, name, p, 1)
@@ -283,7 +305,7 @@ def validate_config(config) -> None:
   image_size divisible by 2**(len(ch_mult) - 1); attn_resolutions among the U-Net
   resolutions; norm_groups dividing every U-Net width; num_heads dividing the attention widths;
   positive batch sizes, keep_checkpoints and learning rate; decays and dropouts in range;
-  sampler names; sampling steps <= T; seed in [0, 2**32 - 1]. Any loss type goes with any
+  solver names and options; sampling steps <= T; seed in [0, 2**32 - 1]. Any loss type goes with any
   variance type (kl/hybrid with a fixed variance and mse with a learned one are meaningful,
   see `objectives.training_losses`).
 

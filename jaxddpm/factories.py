@@ -2,17 +2,19 @@
 
 The core (schedules, diffusion, objectives, solvers, models) takes typed values
 and dataclasses; the shell (training, sampling, evaluation, the CLIs) builds
-them here from `config.diffusion`, `config.model` and `config.data`.
+them here from `config.diffusion`, `config.model`, `config.data` and `config.sampling`.
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
 
+from jaxddpm import config_utils
 from jaxddpm import diffusion
 from jaxddpm import models
 from jaxddpm import objectives
 from jaxddpm import schedules
+from jaxddpm import solvers
 from jaxddpm import timesteps
 
 
@@ -112,3 +114,51 @@ def objective(config, model: nn.Module, schedule: schedules.Schedule):
       weighting=d.get('weighting', 'uniform'), min_snr_gamma=float(d.get('min_snr_gamma', 5.0)),
       timestep_sampler=sampler, cond_spec=model.config.cond_spec())
   return loss_fn, sampler
+
+
+# config.sampling's solver options, and the value that leaves each unset (the solver's default).
+SOLVER_OPTIONS = {'eta': 0.0, 'spacing': '', 'order': 0, 's_churn': 0.0, 's_tmin': 0.0,
+                  's_tmax': float('inf'), 's_noise': 1.0, 'thresholding': 0.0}
+# Their names in `solvers.make_solver`.
+_MAKE_SOLVER_NAMES = {'spacing': 'timestep_spacing'}
+
+
+def solver_settings(config, *, solver: str | None = None, steps: int | None = None,
+                    **options) -> dict:
+  """The solver, its model evaluations and options for a run: arguments over config.sampling.
+
+  config.sampling's options (SOLVER_OPTIONS) go with config.sampling's solver: they apply
+  when `solver` is None or that solver, and choosing another solver starts from its defaults.
+  An option at its neutral value is unset. Old configs name the solver `sampler`
+  (`config_utils.sampling_solver`).
+
+  Returns:
+    dict(solver=name, steps=NFE, and the options that are set, by SOLVER_OPTIONS names).
+
+  Raises:
+    ValueError: an unknown solver, or an option the solver does not take, naming it.
+  """
+  s = config.sampling
+  own = config_utils.sampling_solver(s)
+  name = own if solver is None else solver
+  settings = dict(solver=name, steps=int(s.num_steps if steps is None else steps))
+  for key, neutral in SOLVER_OPTIONS.items():
+    value = options.get(key)
+    if value is None and name == own:
+      value = s.get(key, neutral)
+    if value is not None and value != neutral:
+      settings[key] = value
+  solvers.check_options(name, **{_MAKE_SOLVER_NAMES.get(k, k): v for k, v in settings.items()
+                                 if k in SOLVER_OPTIONS})
+  return settings
+
+
+def make_solver(config, settings: dict):
+  """The solver of `solver_settings(config, ...)` on the run's schedule, mean and variance
+  types and config.sampling.clip_denoised (`solvers.make_solver`). Raises ValueError."""
+  types = diffusion_types(config)
+  options = {_MAKE_SOLVER_NAMES.get(k, k): v for k, v in settings.items() if k in SOLVER_OPTIONS}
+  return solvers.make_solver(
+      schedule(config), settings['solver'], num_steps=settings['steps'],
+      model_mean_type=types['model_mean_type'], model_var_type=types['model_var_type'],
+      clip_denoised=bool(config.sampling.clip_denoised), **options)

@@ -51,30 +51,45 @@ def _read_config(workdir: str):
   return config
 
 
-def _resolve(config, *, sampler, steps, eta, num_samples, batch_size, seed, class_label,
-             guidance_scale, mesh_size) -> dict[str, Any]:
+def _solver_settings(config, *, solver, sampler, steps, eta, solver_options) -> dict:
+  """`factories.solver_settings` of the arguments, checked by building the solver once
+  (host-side, cheap), so that a bad option fails before any loading or compiling."""
+  if solver is not None and sampler is not None and solver != sampler:
+    raise SampleError(f'solver = {solver!r} and sampler = {sampler!r}: sampler is the old name '
+                      'of solver; give one')
+  name = solver if solver is not None else sampler
+  options = dict(solver_options or {}, eta=eta)
+  num_timesteps = config.diffusion.num_timesteps
+  try:
+    settings = factories.solver_settings(config, solver=name, steps=steps, **options)
+    # Two, not one: a respaced schedule keeps at least two timesteps (`schedules.respace`).
+    if not 2 <= settings['steps'] <= num_timesteps:
+      raise SampleError(f'steps = {settings["steps"]} must be in [2, {num_timesteps}] (the run '
+                        f'was trained with {num_timesteps} diffusion timesteps)')
+    if not 0.0 <= settings.get('eta', 0.0) <= 1.0:
+      raise SampleError(f'eta = {settings["eta"]} must be in [0, 1]')
+    built = factories.make_solver(config, settings)
+  except ValueError as e:
+    raise SampleError(str(e)) from None
+  settings.update(nfe=built.nfe, grid_steps=built.grid.num_steps, multistep=built.multistep)
+  return settings
+
+
+def _resolve(config, *, solver, sampler, steps, eta, solver_options, num_samples, batch_size,
+             seed, class_label, guidance_scale, mesh_size) -> dict[str, Any]:
   """Arguments over config.sampling defaults, validated."""
   s = config.sampling
   opts = dict(
-      sampler=sampler if sampler is not None else s.sampler,
-      steps=steps if steps is not None else s.num_steps,
-      eta=float(eta if eta is not None else s.eta),
+      settings=_solver_settings(config, solver=solver, sampler=sampler, steps=steps, eta=eta,
+                                solver_options=solver_options),
       num_samples=num_samples if num_samples is not None else s.num_samples,
       batch_size=batch_size if batch_size is not None else s.batch_size,
       seed=seed if seed is not None else config.seed,
       guidance_scale=float(guidance_scale if guidance_scale is not None
                            else s.get('guidance_scale', 0.0)),
       class_label=class_label)
-  num_timesteps = config.diffusion.num_timesteps
+  opts.update(solver=opts['settings']['solver'], steps=opts['settings']['steps'])
   num_classes = int(config.model.num_classes)
-  if opts['sampler'] not in solvers.SOLVERS:
-    raise SampleError(f'unknown sampler {opts["sampler"]!r}; expected one of {solvers.SOLVERS}')
-  # Two, not one: a respaced schedule keeps at least two timesteps (`schedules.respace`).
-  if not 2 <= opts['steps'] <= num_timesteps:
-    raise SampleError(f'steps = {opts["steps"]} must be in [2, {num_timesteps}] (the run '
-                      f'was trained with {num_timesteps} diffusion timesteps)')
-  if not 0.0 <= opts['eta'] <= 1.0:
-    raise SampleError(f'eta = {opts["eta"]} must be in [0, 1]')
   for name in ('num_samples', 'batch_size'):
     if opts[name] < 1:
       raise SampleError(f'{name} = {opts[name]} must be positive')
@@ -135,30 +150,35 @@ class Run(NamedTuple):
   def sample(self, num_samples: int, *, solver: str | None = None, steps: int | None = None,
              eta: float | None = None, seed: int | None = None, class_label: int | None = None,
              guidance_scale: float | None = None, batch_size: int | None = None,
-             progress: bool = False, mesh=None) -> np.ndarray:
+             progress: bool = False, mesh=None, **solver_options) -> np.ndarray:
     """`num_samples` images, uint8 [N, H, W, C], by the loop of `sample_run` (same seed, same
     images as run_sample.py with the same settings); arguments left None come from
-    config.sampling. solver: a name in `solvers.SOLVERS`. Raises SampleError for bad arguments."""
-    return generate(self.config, self.params, num_samples=num_samples, sampler=solver,
+    config.sampling. solver: a name in `solvers.SOLVERS`; steps: model evaluations;
+    solver_options: spacing, order, s_churn, s_tmin, s_tmax, s_noise, thresholding
+    (`factories.SOLVER_OPTIONS`). Raises SampleError for bad arguments."""
+    return generate(self.config, self.params, num_samples=num_samples, solver=solver,
                     steps=steps, eta=eta, seed=seed, class_label=class_label,
                     guidance_scale=guidance_scale, batch_size=batch_size, progress=progress,
-                    mesh=mesh)['images']
+                    mesh=mesh, solver_options=solver_options)['images']
 
 
-def generate(config, params, *, num_samples: int, sampler: str | None = None,
+def generate(config, params, *, num_samples: int, solver: str | None = None,
              steps: int | None = None, eta: float | None = None, seed: int | None = None,
              class_label: int | None = None, guidance_scale: float | None = None,
              batch_size: int | None = None, key: jax.Array | None = None,
-             progress: bool = False, mesh=None) -> dict[str, Any]:
+             progress: bool = False, mesh=None, sampler: str | None = None,
+             solver_options: dict | None = None) -> dict[str, Any]:
   """Samples of the network `config` describes with `params` (no workdir needed).
 
   Arguments as `sample_run`'s (None: config.sampling's); `key`, when given, replaces
   key(seed) as the base key (batch b draws from fold_in(key, b)). Returns dict(images uint8
-  [N, H, W, C], samples float32 [N, H, W, C] in [-1, 1] (unclipped), labels [N] or None).
-  All processes must call it (the parameters may be global arrays).
+  [N, H, W, C], samples float32 [N, H, W, C] in [-1, 1] (unclipped), labels [N] or None,
+  nfe: the model evaluations per sample). All processes must call it (the parameters may be
+  global arrays).
   """
   mesh = parallel.make_mesh() if mesh is None else mesh
-  opts = _resolve(config, sampler=sampler, steps=steps, eta=eta, num_samples=num_samples,
+  opts = _resolve(config, solver=solver, sampler=sampler, steps=steps, eta=eta,
+                  solver_options=solver_options, num_samples=num_samples,
                   batch_size=batch_size, seed=seed, class_label=class_label,
                   guidance_scale=guidance_scale, mesh_size=mesh.size)
   opts['key'] = key
@@ -171,9 +191,10 @@ def load_run(workdir: str, *, ema: bool = True, step: int | None = None) -> Run:
   return Run(*runs.load_run(workdir, ema=ema, step=step))
 
 
-def _inpainting_inputs(config, steps: int, image_path, mask_path, *, inpaint_resample: int,
+def _inpainting_inputs(config, settings, image_path, mask_path, *, inpaint_resample: int,
                        inpaint_jump_length: int) -> tuple[np.ndarray, np.ndarray] | None:
-  """The (image, mask) to inpaint, or None; RePaint's settings checked before any compiling."""
+  """The (image, mask) to inpaint, or None; RePaint's settings checked before any compiling
+  (settings: `_solver_settings`'s)."""
   resample, jump_length = inpaint_resample, inpaint_jump_length
   if not (image_path or mask_path):
     if resample != 1:
@@ -182,8 +203,12 @@ def _inpainting_inputs(config, steps: int, image_path, mask_path, *, inpaint_res
     return None
   inpainting = sample_io.load_inpainting_inputs(
       image_path, mask_path, int(config.data.image_size), int(config.data.channels))
+  if resample > 1 and settings['multistep']:
+    raise SampleError(f'inpaint_resample = {resample}: RePaint jumps back in time, which '
+                      f'{settings["solver"]} (a multistep solver) cannot follow; use '
+                      'inpaint_resample = 1 or a single-step solver (ddpm, ddim, heun)')
   try:
-    solvers.repaint.repaint_plan(steps, jump_length, resample)
+    solvers.repaint.repaint_plan(settings['grid_steps'], jump_length, resample)
   except ValueError as e:
     raise SampleError(f'inpaint_resample = {resample}, inpaint_jump_length = '
                       f'{jump_length}: {e}') from None
@@ -199,8 +224,9 @@ def _load_ema(workdir: str):
   return config, params, step
 
 
-def sample_run(workdir: str, *, sampler: str | None = None, steps: int | None = None,
-               eta: float | None = None, num_samples: int | None = None,
+def sample_run(workdir: str, *, solver: str | None = None, steps: int | None = None,
+               eta: float | None = None, solver_options: dict | None = None,
+               sampler: str | None = None, num_samples: int | None = None,
                batch_size: int | None = None, seed: int | None = None,
                class_label: int | None = None, guidance_scale: float | None = None,
                inpaint_image: str | None = None, inpaint_mask: str | None = None,
@@ -211,8 +237,14 @@ def sample_run(workdir: str, *, sampler: str | None = None, steps: int | None = 
 
   Args (None: the run's config.sampling value, and config.seed):
     workdir: a run directory (config.json + checkpoints/).
-    sampler, steps, eta: a name in `solvers.SOLVERS`; steps in [2, T] (fewer than T respaces
-      the schedule); DDIM's eta in [0, 1].
+    solver, steps: a name in `solvers.SOLVERS` (`sampler`: its old name) and its model
+      evaluations (NFE) in [2, T] and at least `solvers.min_steps(solver)`; ddpm / ddim
+      respace the schedule to that many steps, heun takes (steps + 1) // 2 sigmas and
+      2N - 1 evaluations.
+    eta, solver_options: DDIM's eta in [0, 1]; the options of `factories.SOLVER_OPTIONS`
+      (spacing, order, s_churn, s_tmin, s_tmax, s_noise, thresholding). config.sampling's
+      values apply to config.sampling's solver only; a solver given an option it does not
+      take is an error.
     num_samples, batch_size: total samples and samples per compiled call (rounded up to a
       multiple of the number of devices). seed: PRNG seed.
     class_label: class of every sample (conditional models); None draws labels uniformly.
@@ -226,18 +258,20 @@ def sample_run(workdir: str, *, sampler: str | None = None, steps: int | None = 
 
   Returns:
     dict(images uint8 [N, H, W, C], samples float32 [N, H, W, C] in [-1, 1] (unclipped),
-    labels [N] or None, psnr [N] or None, output_dir).
+    labels [N] or None, psnr [N] or None, nfe, output_dir).
 
   Raises:
     SampleError: bad input, naming it; also a non-finite sample (then nothing is written).
   """
   config = _read_config(workdir)
   mesh = parallel.make_mesh() if mesh is None else mesh
-  opts = _resolve(config, sampler=sampler, steps=steps, eta=eta, num_samples=num_samples,
+  opts = _resolve(config, solver=solver, sampler=sampler, steps=steps, eta=eta,
+                  solver_options=solver_options, num_samples=num_samples,
                   batch_size=batch_size, seed=seed, class_label=class_label,
                   guidance_scale=guidance_scale, mesh_size=mesh.size)
   repaint = dict(inpaint_resample=inpaint_resample, inpaint_jump_length=inpaint_jump_length)
-  inpainting = _inpainting_inputs(config, opts['steps'], inpaint_image, inpaint_mask, **repaint)
+  inpainting = _inpainting_inputs(config, opts['settings'], inpaint_image, inpaint_mask,
+                                  **repaint)
   # Before naming the outputs: a damaged newest checkpoint makes this an older step.
   config, params, step = _load_ema(workdir)
   if output_dir is None:
@@ -269,19 +303,14 @@ def _model_fn(config, params, guidance_scale: float, rep):
 
 def _plan(config, opts, inpainting, resample: int, jump_length: int) -> solvers.Plan:
   """The solver of opts; with inpainting, wrapped in replacement and RePaint's plan."""
-  try:
-    types = factories.diffusion_types(config)
-    solver = solvers.make_solver(
-        factories.schedule(config), opts['sampler'], num_steps=opts['steps'], eta=opts['eta'],
-        model_mean_type=types['model_mean_type'], model_var_type=types['model_var_type'],
-        clip_denoised=bool(config.sampling.clip_denoised))
-  except ValueError as e:  # e.g. a config.json whose diffusion settings are invalid
-    raise SampleError(f'cannot build the sampler: {e}') from None
+  solver = factories.make_solver(config, opts['settings'])  # checked by `_resolve`
   if inpainting is None:
     return solvers.make_plan(solver)
   image, mask = inpainting
   known = jnp.asarray(image, jnp.float32)[None] / 127.5 - 1.0
   solver = solvers.inpainting.replacement(solver, known, mask[None])
+  if resample == 1:  # the replacement method, any solver
+    return solvers.make_plan(solver)
   return solvers.repaint.make_plan(solver, jump_length=jump_length, resample=resample)
 
 
@@ -344,7 +373,9 @@ def _sample(config, params, opts, *, step, inpainting, inpaint_resample, inpaint
     outputs.append(parallel.fetch(state.x))
   if bar is not None:
     bar.close()
-  return _result(outputs, labels, opts['num_samples'], step, inpainting)
+  result = _result(outputs, labels, opts['num_samples'], step, inpainting)
+  result['nfe'] = opts['settings']['nfe']
+  return result
 
 
 def _result(outputs, labels, n: int, step, inpainting) -> dict[str, Any]:

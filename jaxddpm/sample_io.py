@@ -65,19 +65,29 @@ def load_inpainting_inputs(image_path: str, mask_path: str, image_size: int,
     raise SampleError('the mask keeps every pixel (white = keep); nothing to inpaint')
   return image, mask
 
+# The solver options in an output folder's name (`factories.SOLVER_OPTIONS`; eta above).
+_OPTION_TAGS = (('spacing', ''), ('order', 'order'), ('s_churn', 'churn'), ('s_tmin', 'tmin'),
+                ('s_tmax', 'tmax'), ('s_noise', 'snoise'), ('thresholding', 'thresh'))
+
+
 def default_output_dir(workdir: str, opts: dict[str, Any], *, step: int,
                        inpainting: tuple[np.ndarray, np.ndarray] | None = None,
                        inpaint_resample: int = 1, inpaint_jump_length: int = 10) -> str:
   """workdir/samples/<name>, the name made of every setting the samples depend on.
 
-  E.g. 'ddim_10steps_eta0_seed1_class2_guidance3_n16_batch16_step400'. The batch size is
+  E.g. 'ddim_10steps_eta0_seed1_class2_guidance3_n16_batch16_step400',
+  'heun_19steps_karras_churn40_seed0_n256_batch256_step2000'. The batch size is
   part of it because batch b's noise is drawn from fold_in(seed, b) for the whole batch;
   an inpainting input is named by a hash of the image and mask pixels, RePaint's r and
   jump length when r > 1.
   """
-  parts = [f'{opts["sampler"]}_{opts["steps"]}steps']
-  if opts['sampler'] == 'ddim':
-    parts.append(f'eta{opts["eta"]:g}')
+  parts = [f'{opts["solver"]}_{opts["steps"]}steps']
+  settings = opts.get('settings', {})
+  if opts['solver'] == 'ddim':
+    parts.append(f'eta{settings.get("eta", 0.0):g}')
+  for key, tag in _OPTION_TAGS:
+    if key in settings:
+      parts.append(f'{tag}{settings[key]:g}' if tag else str(settings[key]))
   parts.append(f'seed{opts["seed"]}')
   if opts['class_label'] is not None:
     parts.append(f'class{opts["class_label"]}')

@@ -30,7 +30,7 @@ def conditional_workdir(tmp_path_factory, make_sample_workdir):
 
 
 def _run(workdir, out, mesh=None, **kw):
-  kw = dict(dict(sampler='ddpm', steps=8, num_samples=6, batch_size=4, seed=1), **kw)
+  kw = dict(dict(solver='ddpm', steps=8, num_samples=6, batch_size=4, seed=1), **kw)
   return sample.sample_run(workdir, output_dir=str(out), progress=False, mesh=mesh, **kw)
 
 
@@ -53,13 +53,13 @@ def test_same_seed_same_samples_on_1_and_4_devices(workdir, tmp_path):
 
 
 def test_class_conditional_and_guidance(conditional_workdir, tmp_path):
-  fixed = _run(conditional_workdir, tmp_path / 'fixed', sampler='ddim', class_label=2)
+  fixed = _run(conditional_workdir, tmp_path / 'fixed', solver='ddim', class_label=2)
   np.testing.assert_array_equal(fixed['labels'], [2] * 6)
   with np.load(tmp_path / 'fixed' / 'samples.npz') as f:
     np.testing.assert_array_equal(f['labels'], fixed['labels'])
-  drawn = _run(conditional_workdir, tmp_path / 'drawn', sampler='ddim')
+  drawn = _run(conditional_workdir, tmp_path / 'drawn', solver='ddim')
   assert set(drawn['labels'].tolist()) <= {0, 1, 2}
-  guided = _run(conditional_workdir, tmp_path / 'guided', sampler='ddim', class_label=2,
+  guided = _run(conditional_workdir, tmp_path / 'guided', solver='ddim', class_label=2,
                 guidance_scale=3.0)
   assert np.abs(guided['samples'] - fixed['samples']).max() > 1e-2
 

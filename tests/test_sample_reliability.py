@@ -77,13 +77,16 @@ def test_default_output_dir_is_named_by_every_setting(tmp_path, make_sample_work
       np.testing.assert_array_equal(f['labels'], result['labels'])
   assert np.abs(one['samples'] - two['samples']).max() > 1e-2
 
-  opts = dict(sampler='ddim', steps=50, eta=0.5, seed=3, class_label=None, guidance_scale=2.0,
-              num_samples=16, batch_size=8)
+  opts = dict(solver='ddim', steps=50, settings=dict(eta=0.5), seed=3, class_label=None,
+              guidance_scale=2.0, num_samples=16, batch_size=8)
   name = lambda **kw: os.path.basename(sample_io.default_output_dir('w', opts, step=400, **kw))
   assert name() == 'ddim_50steps_eta0.5_seed3_guidance2_n16_batch8_step400'
   assert os.path.basename(sample_io.default_output_dir(
-      'w', dict(opts, sampler='ddpm', guidance_scale=0.0), step=0)) == (
-          'ddpm_50steps_seed3_n16_batch8_step0')  # eta does not matter to DDPM
+      'w', dict(opts, solver='ddpm', settings={}, guidance_scale=0.0), step=0)) == (
+          'ddpm_50steps_seed3_n16_batch8_step0')
+  assert os.path.basename(sample_io.default_output_dir('w', dict(
+      opts, solver='unipc', steps=10, settings=dict(order=3, thresholding=0.995)), step=1)) == (
+          'unipc_10steps_order3_thresh0.995_seed3_guidance2_n16_batch8_step1')
   image, mask = np.zeros((8, 8, 1), np.uint8), np.ones((8, 8, 1), np.float32)
   mask[:, 4:] = 0.0
   replacement = name(inpainting=(image, mask))
@@ -172,7 +175,7 @@ def test_cli_noruntime_tuning_samples_and_a_rerun_is_refused(tmp_path, make_samp
   proc = _cli(*args, '--noruntime_tuning')
   assert proc.returncode == 0, proc.stderr[-2000:]
   out = os.path.join(wd, 'samples', 'ddpm_8steps_seed1_n6_batch4_step3')
-  assert f'Wrote 6 samples to {out}' in proc.stdout
+  assert f'Wrote 6 samples (8 model evaluations each) to {out}' in proc.stdout
   tuned = _run(wd, tmp_path / 'tuned')  # in process: the runtime's compiler options
   with np.load(os.path.join(out, 'samples.npz')) as f:
     assert np.abs(f['images'].astype(int) - tuned['images'].astype(int)).max() <= 1

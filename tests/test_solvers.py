@@ -26,8 +26,9 @@ from jaxddpm import schedules
 from jaxddpm import solvers
 from jaxddpm.solvers import inpainting
 from jaxddpm.solvers import repaint
+import gaussian
 
-MU, S = 0.3, 0.2
+MU, S = gaussian.MU, gaussian.S
 SHAPE = (4, 32, 32, 1)  # 4096 i.i.d. pixels
 N = int(np.prod(SHAPE))
 T = 1000
@@ -41,20 +42,8 @@ def schedule():
 
 def gaussian_model(mean_type='eps', var_type='fixedlarge', mu=MU, s=S, counter=None):
   """The optimal model for x_0 ~ N(mu, s^2), called with original timesteps."""
-  abar = jnp.asarray(np.cumprod(1.0 - BETAS), jnp.float32)
-
-  def model_fn(x, t, cond=None):
-    if counter is not None:
-      counter.append(1)  # runs once per trace
-    a = abar[t][:, None, None, None]
-    eps = jnp.sqrt(1 - a) * (x - jnp.sqrt(a) * mu) / (a * s ** 2 + 1 - a)
-    x0 = (x - jnp.sqrt(1 - a) * eps) / jnp.sqrt(a)
-    out = {'eps': eps, 'x0': x0, 'v': jnp.sqrt(a) * eps - jnp.sqrt(1 - a) * x0}[mean_type]
-    if var_type == 'learned_range':
-      out = jnp.concatenate([out, jnp.zeros_like(out)], axis=-1)  # frac = 1/2
-    return out
-
-  return model_fn
+  return gaussian.optimal_model(np.cumprod(1.0 - BETAS), mean_type, var_type, mu=mu, s=s,
+                                counter=counter)
 
 
 def exact_moments(use, kind, eta=0.0, var_type='fixedlarge', times=None, ops=None,

@@ -203,6 +203,28 @@ def predict_eps_from_v(schedule: Schedule, x_t: jax.Array, t: jax.Array,
           + extract(schedule.sqrt_alphas_cumprod, t, nd) * v)
 
 
+def dynamic_threshold(pred_xstart: jax.Array, ratio: float) -> jax.Array:
+  """Imagen's dynamic thresholding of an x_0 prediction (Saharia et al. 2022, sec. 2.3).
+
+  Per sample, s = max(the `ratio` quantile of |x0_hat|, 1) and x0_hat <- clip(x0_hat, -s, s) / s:
+  saturated pixels are pulled inwards rather than clipped, and where no pixel exceeds 1 it is
+  static clipping to [-1, 1]. The quantile interpolates linearly between order statistics
+  (NumPy's default, as `torch.quantile`). diffusers' `_threshold_sample` also caps s at
+  `sample_max_value`, whose default 1.0 reduces it to static clipping; the paper has no cap.
+
+  Args:
+    pred_xstart: [B, ...] float32.
+    ratio: the percentile as a fraction, in (0, 1) (Imagen: 0.995; diffusers' default too).
+
+  Returns:
+    [B, ...], every value in [-1, 1].
+  """
+  x = _float(pred_xstart)
+  flat = jnp.abs(x.reshape(x.shape[0], -1))
+  s = jnp.maximum(jnp.quantile(flat, ratio, axis=1), 1.0).reshape((-1,) + (1,) * (x.ndim - 1))
+  return jnp.clip(x, -s, s) / s
+
+
 # --- Reverse process p(x_{t-1} | x_t) ------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ states over devices without knowing the solver.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Protocol
 
 import flax
@@ -26,6 +27,7 @@ from jax.tree_util import Partial
 
 from jaxddpm import diffusion
 from jaxddpm import schedules as schedules_lib
+from jaxddpm.solvers import time_grids
 
 
 @flax.struct.dataclass
@@ -64,6 +66,7 @@ class Solver(Protocol):
   """The contract of a solver (see the module docstring); wrappers are solvers too."""
   grid: Grid
   multistep: bool  # the state remembers earlier steps (RePaint cannot jump back)
+  nfe: int  # model evaluations of a whole pass over the grid
 
   def init(self, x_T: jax.Array, key: jax.Array) -> Any:
     """The state at point 0 for x_T [B, ...] float32; key: randomness of the start."""
@@ -111,25 +114,84 @@ def respaced(schedule: schedules_lib.Schedule, num_steps: int | None,
 
 
 @flax.struct.dataclass
-class DiscreteSolver:
-  """Fields shared by the solvers that step down a (respaced) discrete schedule, S indices.
+class Denoising:
+  """What every solver of this package shares: the schedule it indexes and how a model output
+  becomes the x_0 prediction it steps with.
 
-  Step i denoises at index times[i] = S - 1 - i (x_t -> x_{t-1}), so grid point j is
-  index S - 1 - j and point S the data. Build with `discrete_fields`.
-
-  schedule: the (respaced) schedule, [S] arrays; the model sees schedule.timestep_map[t].
-  times: int32 [S], the schedule index of each step.
-  grid: the `Grid` of those indices.
-  model_mean_type, model_var_type, clip_denoised: as in `diffusion.p_mean_variance`.
+  schedule: the schedule whose indices the solver's times are ([T] arrays); the model sees
+    schedule.timestep_map[t].
+  grid: the `Grid` of the points the solver visits.
+  model_mean_type, model_var_type, clip_denoised: as in `diffusion.p_mean_variance` (a
+    learned variance is read and, by the solvers that only use the mean, ignored).
+  thresholding: 0 (off), or the percentile of Imagen's dynamic thresholding of x0_hat, in
+    (0, 1) (`diffusion.dynamic_threshold`; applied before clip_denoised, which it makes a
+    no-op).
   """
   schedule: schedules_lib.Schedule
-  times: jax.Array
   grid: Grid
   model_mean_type: str = flax.struct.field(pytree_node=False)
   model_var_type: str = flax.struct.field(pytree_node=False)
   clip_denoised: bool = flax.struct.field(pytree_node=False)
+  thresholding: float = flax.struct.field(pytree_node=False)
+
+  def predict(self, model_fn, x: jax.Array, t, cond) -> dict[str, jax.Array]:
+    """`diffusion.p_mean_variance` at index t (int32 scalar, may be traced) for the batch x."""
+    denoised_fn = None
+    if self.thresholding:
+      denoised_fn = functools.partial(diffusion.dynamic_threshold, ratio=self.thresholding)
+    return diffusion.p_mean_variance(
+        model_fn, self.schedule, x, jnp.full((x.shape[0],), t, jnp.int32),
+        model_mean_type=self.model_mean_type, model_var_type=self.model_var_type,
+        clip_denoised=self.clip_denoised, cond=cond, denoised_fn=denoised_fn)
+
+
+def prediction_fields(*, model_mean_type: str, model_var_type: str, clip_denoised: bool,
+                      thresholding: float | None) -> dict[str, Any]:
+  """The static `Denoising` fields, checked. Host-side.
+
+  Raises:
+    ValueError: an unknown mean / variance type, or thresholding outside (0, 1).
+  """
+  diffusion.check_types(model_mean_type, model_var_type)
+  thresholding = float(thresholding or 0.0)
+  if not 0.0 <= thresholding < 1.0:
+    raise ValueError(f'thresholding is the percentile of dynamic thresholding, in (0, 1) '
+                     f'(e.g. 0.995; 0 turns it off), got {thresholding}')
+  return dict(model_mean_type=model_mean_type, model_var_type=model_var_type,
+              clip_denoised=bool(clip_denoised), thresholding=thresholding)
+
+
+def index_grid(schedule: schedules_lib.Schedule, times: np.ndarray) -> Grid:
+  """The `Grid` of the descending schedule indices `times` [N], the data appended.
+
+  abar comes from the schedule's float64 `alphas_cumprod64` (float32 values without it), so
+  alpha_j and sigma_j are the float32 roundings of sqrt(abar_t), sqrt(1 - abar_t), as the
+  schedule's own arrays. Host-side.
+  """
+  abar = np.append(time_grids.alphas_cumprod64(schedule)[np.asarray(times)], 1.0)
+  grid = Grid(alpha=np.sqrt(abar).astype(np.float32),
+              sigma=np.sqrt(1.0 - abar).astype(np.float32),
+              beta=(1.0 - abar[:-1] / abar[1:]).astype(np.float32))
+  return jax.tree.map(jnp.asarray, grid)
+
+
+@flax.struct.dataclass
+class DiscreteSolver(Denoising):
+  """Fields shared by the solvers that step down a (respaced) discrete schedule, S indices.
+
+  Step i denoises at index times[i] = S - 1 - i (x_t -> x_{t-1}), so grid point j is
+  index S - 1 - j and point S the data. Build with `discrete_fields`; the other fields are
+  `Denoising`'s, the schedule the respaced one.
+
+  times: int32 [S], the schedule index of each step.
+  """
+  times: jax.Array
 
   multistep = False
+
+  @property
+  def nfe(self) -> int:
+    return self.times.shape[0]
 
   def init(self, x_T: jax.Array, key: jax.Array) -> SolverState:
     del key  # the start is x_T itself
@@ -139,35 +201,28 @@ class DiscreteSolver:
     """What step i of DDPM and DDIM starts from, for x [B, ...] at index t = times[i].
 
     Returns:
-      (t, out, noise, not_last): out is `diffusion.p_mean_variance` at t for the whole batch;
+      (t, out, noise, not_last): out is `Denoising.predict` at t for the whole batch;
       noise ~ N(0, I) [B, ...] from the solver half of key (`split_op_key`); not_last is
       float 0 at t = 0 (x_0 gets no noise), else 1.
     """
     t = self.times[i]
     noise_key, _ = split_op_key(key)
-    out = diffusion.p_mean_variance(
-        model_fn, self.schedule, x, jnp.full((x.shape[0],), t, jnp.int32),
-        model_mean_type=self.model_mean_type, model_var_type=self.model_var_type,
-        clip_denoised=self.clip_denoised, cond=cond)
+    out = self.predict(model_fn, x, t, cond)
     noise = jax.random.normal(noise_key, x.shape, x.dtype)
     return t, out, noise, (t > 0).astype(x.dtype)
 
 
 def discrete_fields(schedule: schedules_lib.Schedule, *, model_mean_type: str,
-                    model_var_type: str, clip_denoised: bool) -> dict[str, Any]:
+                    model_var_type: str, clip_denoised: bool,
+                    thresholding: float | None = None) -> dict[str, Any]:
   """The `DiscreteSolver` fields of a descending pass over every index of `schedule`.
 
-  The grid is gathered from the schedule's float32 arrays (no new rounding): alpha_j =
-  sqrt_alphas_cumprod[t_j], sigma_j = sqrt_one_minus_alphas_cumprod[t_j], beta_j = betas[t_j].
-  Host-side (the schedule must be concrete).
+  The grid (`index_grid`) holds alpha_j = sqrt(abar[t_j]), sigma_j = sqrt(1 - abar[t_j]) and
+  beta_j = betas[t_j] (for consecutive indices 1 - abar_t / abar_{t-1} is beta_t). Host-side
+  (the schedule must be concrete).
   """
-  diffusion.check_types(model_mean_type, model_var_type)
+  options = prediction_fields(model_mean_type=model_mean_type, model_var_type=model_var_type,
+                              clip_denoised=clip_denoised, thresholding=thresholding)
   times = np.arange(schedule.num_timesteps, dtype=np.int32)[::-1]
-  grid = Grid(
-      alpha=np.append(np.asarray(schedule.sqrt_alphas_cumprod)[times], 1.0).astype(np.float32),
-      sigma=np.append(np.asarray(schedule.sqrt_one_minus_alphas_cumprod)[times],
-                      0.0).astype(np.float32),
-      beta=np.asarray(schedule.betas)[times].astype(np.float32))
-  return dict(schedule=schedule, times=jnp.asarray(times),
-              grid=jax.tree.map(jnp.asarray, grid), model_mean_type=model_mean_type,
-              model_var_type=model_var_type, clip_denoised=bool(clip_denoised))
+  return dict(schedule=schedule, times=jnp.asarray(times), grid=index_grid(schedule, times),
+              **options)

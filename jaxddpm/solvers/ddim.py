@@ -37,7 +37,8 @@ class DDIM(base.DiscreteSolver):
 
 
 def ddim(schedule: schedules_lib.Schedule, *, eta: float = 0.0, model_mean_type: str = 'eps',
-         model_var_type: str = 'fixedlarge', clip_denoised: bool = True) -> DDIM:
+         model_var_type: str = 'fixedlarge', clip_denoised: bool = True,
+         thresholding: float | None = None) -> DDIM:
   """DDIM over every index of `schedule` (respace it first for fewer steps).
 
   A learned variance is ignored (DDIM uses only the mean prediction).
@@ -48,5 +49,6 @@ def ddim(schedule: schedules_lib.Schedule, *, eta: float = 0.0, model_mean_type:
   if not 0.0 <= eta <= 1.0:
     raise ValueError(f'eta must be in [0, 1], got {eta}')
   return DDIM(**base.discrete_fields(schedule, model_mean_type=model_mean_type,
-                                     model_var_type=model_var_type, clip_denoised=clip_denoised),
+                                     model_var_type=model_var_type, clip_denoised=clip_denoised,
+                                     thresholding=thresholding),
               eta=jnp.asarray(eta, jnp.float32))

@@ -27,8 +27,10 @@ class DDPM(base.DiscreteSolver):
 
 
 def ddpm(schedule: schedules_lib.Schedule, *, model_mean_type: str = 'eps',
-         model_var_type: str = 'fixedlarge', clip_denoised: bool = True) -> DDPM:
+         model_var_type: str = 'fixedlarge', clip_denoised: bool = True,
+         thresholding: float | None = None) -> DDPM:
   """Ancestral sampling over every index of `schedule` (respace it first for fewer steps)."""
   return DDPM(**base.discrete_fields(schedule, model_mean_type=model_mean_type,
                                      model_var_type=model_var_type,
-                                     clip_denoised=clip_denoised))
+                                     clip_denoised=clip_denoised,
+                                     thresholding=thresholding))
