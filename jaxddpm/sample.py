@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxddpm import checkpoint
+from jaxddpm import distill_layout
 from jaxddpm import factories
 from jaxddpm import images as images_lib
 from jaxddpm import models
@@ -67,10 +68,19 @@ def _resolve(config, *, sampler, steps, eta, num_samples, batch_size, seed, clas
       class_label=class_label)
   num_timesteps = config.diffusion.num_timesteps
   num_classes = int(config.model.num_classes)
-  if opts['sampler'] not in solvers.SOLVERS:
+  if factories.is_distilled(config):
+    # A distilled student samples with its own DDIM on the round's grid, in its step count.
+    distilled = int(config.distill.round_steps)
+    if steps is None:
+      opts['steps'] = distilled
+    if opts['steps'] != distilled:
+      raise SampleError(f'this student was distilled for {distilled} step(s); sample it with '
+                        f'--steps={distilled} (or pick another round of its distillation)')
+    num_timesteps = max(num_timesteps, distilled)
+  elif opts['sampler'] not in solvers.SOLVERS:
     raise SampleError(f'unknown sampler {opts["sampler"]!r}; expected one of {solvers.SOLVERS}')
   # Two, not one: a respaced schedule keeps at least two timesteps (`schedules.respace`).
-  if not 2 <= opts['steps'] <= num_timesteps:
+  if not (2 <= opts['steps'] <= num_timesteps or factories.is_distilled(config)):
     raise SampleError(f'steps = {opts["steps"]} must be in [2, {num_timesteps}] (the run '
                       f'was trained with {num_timesteps} diffusion timesteps)')
   if not 0.0 <= opts['eta'] <= 1.0:
@@ -167,8 +177,17 @@ def generate(config, params, *, num_samples: int, sampler: str | None = None,
 
 
 def load_run(workdir: str, *, ema: bool = True, step: int | None = None) -> Run:
-  """The run in `workdir` (config.json + the newest good checkpoint; `runs.load_run`) as a `Run`."""
-  return Run(*runs.load_run(workdir, ema=ema, step=step))
+  """The run in `workdir` (config.json + the newest good checkpoint; `runs.load_run`) as a `Run`;
+  for a distillation workdir, its student with the fewest steps (`distill_layout.resolve_workdir`)."""
+  return Run(*runs.load_run(_round(workdir, None), ema=ema, step=step))
+
+
+def _round(workdir: str, steps: int | None) -> str:
+  """`workdir`, or the round of a distillation workdir distilled for `steps` steps."""
+  try:
+    return distill_layout.resolve_workdir(workdir, steps)
+  except distill_layout.DistillError as e:
+    raise SampleError(str(e)) from None
 
 
 def _inpainting_inputs(config, steps: int, image_path, mask_path, *, inpaint_resample: int,
@@ -231,6 +250,7 @@ def sample_run(workdir: str, *, sampler: str | None = None, steps: int | None = 
   Raises:
     SampleError: bad input, naming it; also a non-finite sample (then nothing is written).
   """
+  workdir = _round(workdir, steps)
   config = _read_config(workdir)
   mesh = parallel.make_mesh() if mesh is None else mesh
   opts = _resolve(config, sampler=sampler, steps=steps, eta=eta, num_samples=num_samples,
@@ -271,10 +291,14 @@ def _plan(config, opts, inpainting, resample: int, jump_length: int) -> solvers.
   """The solver of opts; with inpainting, wrapped in replacement and RePaint's plan."""
   try:
     types = factories.diffusion_types(config)
-    solver = solvers.make_solver(
-        factories.schedule(config), opts['sampler'], num_steps=opts['steps'], eta=opts['eta'],
-        model_mean_type=types['model_mean_type'], model_var_type=types['model_var_type'],
-        clip_denoised=bool(config.sampling.clip_denoised))
+    if factories.is_distilled(config):
+      solver = factories.distilled_solver(config, factories.schedule(config), opts['steps'])
+    else:
+      solver = solvers.make_solver(
+          factories.schedule(config), opts['sampler'], num_steps=opts['steps'],
+          eta=opts['eta'], model_mean_type=types['model_mean_type'],
+          model_var_type=types['model_var_type'],
+          clip_denoised=bool(config.sampling.clip_denoised))
   except ValueError as e:  # e.g. a config.json whose diffusion settings are invalid
     raise SampleError(f'cannot build the sampler: {e}') from None
   if inpainting is None:
