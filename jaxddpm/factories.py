@@ -151,15 +151,15 @@ def distillation_train_step(config, model: nn.Module, schedule_: schedules.Sched
     del key
     return models.make_model_fn(model, params)(x, t, cond)
 
-  student = distillation.student_x_hat(train_apply, grid, mean_type=config.diffusion.model_mean_type,
-                                       channels=channels, var_type=var_type)
+  student = distillation.student_x_hat(
+      train_apply, grid, mean_type=config.diffusion.model_mean_type, channels=channels,
+      var_type=var_type)
   if d.teacher_kind == 'run':
     teacher = distillation.run_x_hat(eval_apply, schedule_, grid, mean_type=d.teacher_mean_type,
                                      var_type=d.teacher_var_type, clip=clip)
   else:
-    teacher_fn = distillation.student_x_hat(eval_apply, grid, mean_type=d.teacher_mean_type,
-                                            channels=channels, var_type=var_type, clip=clip)
-    teacher = lambda p, z, j, c: teacher_fn(p, z, j, c)
+    teacher = distillation.student_x_hat(eval_apply, grid, mean_type=d.teacher_mean_type,
+                                         channels=channels, var_type=var_type, clip=clip)
   loss_fn = distillation.distillation_objective(
       student, teacher, grid, int(d.round_steps), weighting=d.weighting,
       cond_spec=model.config.cond_spec())

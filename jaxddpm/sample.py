@@ -177,8 +177,9 @@ def generate(config, params, *, num_samples: int, sampler: str | None = None,
 
 
 def load_run(workdir: str, *, ema: bool = True, step: int | None = None) -> Run:
-  """The run in `workdir` (config.json + the newest good checkpoint; `runs.load_run`) as a `Run`;
-  for a distillation workdir, its student with the fewest steps (`distill_layout.resolve_workdir`)."""
+  """The run in `workdir` (config.json + the newest good checkpoint; `runs.load_run`) as a
+  `Run`; for a distillation workdir, its student with the fewest steps
+  (`distill_layout.resolve_workdir`)."""
   return Run(*runs.load_run(_round(workdir, None), ema=ema, step=step))
 
 

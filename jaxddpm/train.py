@@ -5,12 +5,12 @@ per run over a mesh of every device of every process, the batch sharded on
 'data', the state replicated and donated. Around it, each a named piece: checks
 before any compute, setup (`_restore_or_init`, `_compile_step`), the loop
 (`_loop`: steps, signals, the NaN check, the save policy `_Saves`, the sample-grid
-and evaluation hooks of `jaxddpm.train_hooks`) and the finish. A distillation round
-(`jaxddpm.distill`) is the same run with a teacher: its parameters initialise the
-student and are a (replicated, not donated) argument of the step. Writers, progress and signals live in
-`jaxddpm.train_io`. The batch of step k is a pure function of (seed, k) and all
-randomness of step k comes from fold_in(state.rng, k), so a resumed run
-reproduces the uninterrupted one bit for bit.
+and evaluation hooks of `jaxddpm.train_hooks`) and the finish. Writers, progress
+and signals live in `jaxddpm.train_io`. A distillation round (`jaxddpm.distill`)
+is the same run with a teacher, whose parameters initialise the student and are
+a replicated, not donated, argument of the step. The batch of step k is a pure
+function of (seed, k) and all randomness of step k comes from fold_in(state.rng,
+k), so a resumed run reproduces the uninterrupted one bit for bit.
 """
 
 from __future__ import annotations

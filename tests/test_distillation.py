@@ -253,8 +253,8 @@ def test_sampling_picks_the_round_by_its_steps(reference):
 
 @pytest.mark.parametrize('teacher_of', ['missing', 'distillation', 'too_short'])
 def test_bad_teacher_is_one_clear_error(teacher_of, reference, teacher, tmp_path):
-  overrides = {**DISTILL, 'distill.teacher': {
-      'missing': str(tmp_path / 'nope'), 'distillation': reference, 'too_short': teacher}[teacher_of]}
+  teachers = {'missing': str(tmp_path / 'nope'), 'distillation': reference, 'too_short': teacher}
+  overrides = {**DISTILL, 'distill.teacher': teachers[teacher_of]}
   if teacher_of == 'too_short':
     overrides['distill.start_steps'] = 64  # a 128-point grid on a 100-step teacher
   code, _, err = _run(tmp_path / 'pd', overrides, str(tmp_path / 'cache'), DISTILL=1)
