@@ -45,9 +45,16 @@ def main(argv):
   if not _RUNTIME_TUNING.value:
     runtime.disable()  # also when a --flagfile turned it off, which tune_from_argv cannot read
   parallel.maybe_initialize_distributed(_DISTRIBUTED.value)
+  from jaxddpm import distill  # pylint: disable=g-import-not-at-top
   from jaxddpm import train  # pylint: disable=g-import-not-at-top
   try:
-    summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if distill.is_distillation(_CONFIG.value):
+      summary = distill.distill(_CONFIG.value, _WORKDIR.value)
+    else:
+      summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except distill.DistillError as e:
+    print(f'run_train.py: error: {e}', file=sys.stderr)
+    sys.exit(1)
   except train.TrainError as e:
     print(f'run_train.py: error: {e}', file=sys.stderr)
     if isinstance(e, train.SaveError):

@@ -67,6 +67,7 @@ def get_config():
   config.optim = optim = ml_collections.ConfigDict()
   optim.lr = 2e-4
   optim.warmup_steps = 5000
+  optim.decay_steps = 0  # > 0: anneal lr linearly to 0 at this step (distillation rounds)
   optim.grad_clip = 1.0
   optim.beta1 = 0.9
   optim.beta2 = 0.999

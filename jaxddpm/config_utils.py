@@ -226,8 +226,9 @@ def _validate_optim(o):
   p = 'optim'
   if 'lr' in o:
     _number(o, 'lr', p, 0.0, float('inf'), low_open=True, high_open=True)
-  if 'warmup_steps' in o:
-    _int(o, 'warmup_steps', p, 0)
+  for name in ('warmup_steps', 'decay_steps'):
+    if name in o:
+      _int(o, name, p, 0)
   if 'grad_clip' in o:
     _number(o, 'grad_clip', p, 0.0, float('inf'), high_open=True)
   for name in ('beta1', 'beta2'):
@@ -263,7 +264,7 @@ def sampling_solver(sampling) -> str:
   return sampling.get('solver', 'ddpm')
 
 
-def _validate_sampling(s, num_timesteps):
+def _validate_sampling(s, num_timesteps, distilled: bool):
   p = 'sampling'
   for name in ('solver', 'sampler', 'train_grid_sampler'):
     if name in s:
@@ -273,7 +274,8 @@ def _validate_sampling(s, num_timesteps):
           'only solver')
   for name in ('num_steps', 'train_grid_steps'):
     if name in s:
-      steps = _int(s, name, p, 2)  # as run_sample.py --steps: a respaced schedule keeps >= 2
+      # As run_sample.py --steps: a respaced schedule keeps >= 2; a distilled student may take 1.
+      steps = _int(s, name, p, 1 if distilled else 2)
       if num_timesteps is not None and steps > num_timesteps:
         _fail(f'{p}.{name}', steps, f'must be <= diffusion.num_timesteps = {num_timesteps}')
   if 'eta' in s:
@@ -326,7 +328,8 @@ def validate_config(config) -> None:
   if 'training' in config:
     _validate_training(config.training)
   if 'sampling' in config:
-    _validate_sampling(config.sampling, num_timesteps)
+    distilled = int(config.get('distill', {}).get('round_steps', 0)) > 0
+    _validate_sampling(config.sampling, num_timesteps, distilled)
   if 'seed' in config and not (_is_int(config.seed) and 0 <= config.seed <= MAX_SEED):
     _fail('seed', config.seed, 'must be an integer in [0, 2**32 - 1]')
 

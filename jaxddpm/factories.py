@@ -11,11 +11,13 @@ import flax.linen as nn
 
 from jaxddpm import config_utils
 from jaxddpm import diffusion
+from jaxddpm import distillation
 from jaxddpm import models
 from jaxddpm import objectives
 from jaxddpm import schedules
 from jaxddpm import solvers
 from jaxddpm import timesteps
+from jaxddpm import train_step
 
 
 def schedule(config) -> schedules.Schedule:
@@ -156,9 +158,77 @@ def solver_settings(config, *, solver: str | None = None, steps: int | None = No
 def make_solver(config, settings: dict):
   """The solver of `solver_settings(config, ...)` on the run's schedule, mean and variance
   types and config.sampling.clip_denoised (`solvers.make_solver`). Raises ValueError."""
+  if is_distilled(config):  # a distilled student samples with its own DDIM on the round's grid
+    return distilled_solver(config, schedule(config), settings['steps'])
   types = diffusion_types(config)
   options = {_MAKE_SOLVER_NAMES.get(k, k): v for k, v in settings.items() if k in SOLVER_OPTIONS}
   return solvers.make_solver(
       schedule(config), settings['solver'], num_steps=settings['steps'],
       model_mean_type=types['model_mean_type'], model_var_type=types['model_var_type'],
       clip_denoised=bool(config.sampling.clip_denoised), **options)
+
+
+# ---------------------------------------------------------------------------
+# Progressive distillation (a round's config carries `config.distill`; see jaxddpm.distill).
+
+
+def is_distilled(config) -> bool:
+  """Whether `config` is a distillation round's (its student samples on the round's grid)."""
+  return int(config.get('distill', {}).get('round_steps', 0)) > 0
+
+
+def distillation_grid(config, schedule_: schedules.Schedule):
+  """The round's `distillation.TimeGrid` (distill.grid_points K on the teacher's schedule)."""
+  return distillation.make_time_grid(schedule_, int(config.distill.grid_points))
+
+
+def distillation_train_step(config, model: nn.Module, schedule_: schedules.Schedule):
+  """train_steps(state, batches, teacher_params) -> (state, metrics) of a distillation round.
+
+  The student (config.diffusion.model_mean_type, 'v' or 'x0', in training mode) learns the
+  teacher's two DDIM steps (`distillation.distillation_objective`); the teacher is the
+  original run (distill.teacher_kind 'run': its own mean / variance types, x-hat clipped as
+  config.sampling.clip_denoised) or the previous round's student ('student').
+  """
+  d = config.distill
+  grid = distillation_grid(config, schedule_)
+  channels = int(config.data.channels)
+  var_type = config.diffusion.model_var_type
+  clip = bool(config.sampling.clip_denoised)
+
+  def train_apply(params, x, t, cond, key):
+    return models.make_model_fn(model, params, train=True, dropout_rng=key)(x, t, cond)
+
+  def eval_apply(params, x, t, cond, key=None):
+    del key
+    return models.make_model_fn(model, params)(x, t, cond)
+
+  student = distillation.student_x_hat(
+      train_apply, grid, mean_type=config.diffusion.model_mean_type, channels=channels,
+      var_type=var_type)
+  if d.teacher_kind == 'run':
+    teacher = distillation.run_x_hat(eval_apply, schedule_, grid, mean_type=d.teacher_mean_type,
+                                     var_type=d.teacher_var_type, clip=clip)
+  else:
+    teacher = distillation.student_x_hat(eval_apply, grid, mean_type=d.teacher_mean_type,
+                                         channels=channels, var_type=var_type, clip=clip)
+  loss_fn = distillation.distillation_objective(
+      student, teacher, grid, int(d.round_steps), weighting=d.weighting,
+      cond_spec=model.config.cond_spec())
+  return train_step.make_teacher_train_step(loss_fn, config.optim)
+
+
+def distilled_solver(config, schedule_: schedules.Schedule, num_steps: int):
+  """The sampler of a round's student (`distillation.student_solver`).
+
+  Raises:
+    ValueError: num_steps other than the round's distill.round_steps.
+  """
+  steps = int(config.distill.round_steps)
+  if num_steps != steps:
+    raise ValueError(f'this student was distilled for {steps} step(s); it samples with '
+                     f'exactly that many, not {num_steps}')
+  return distillation.student_solver(
+      distillation_grid(config, schedule_), steps, mean_type=config.diffusion.model_mean_type,
+      channels=int(config.data.channels), var_type=config.diffusion.model_var_type,
+      clip_denoised=bool(config.sampling.clip_denoised))

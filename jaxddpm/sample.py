@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxddpm import checkpoint
+from jaxddpm import distill_layout
 from jaxddpm import factories
 from jaxddpm import images as images_lib
 from jaxddpm import models
@@ -60,10 +61,15 @@ def _solver_settings(config, *, solver, sampler, steps, eta, solver_options) -> 
   name = solver if solver is not None else sampler
   options = dict(solver_options or {}, eta=eta)
   num_timesteps = config.diffusion.num_timesteps
+  distilled = factories.is_distilled(config)
+  if distilled and name not in (None, 'ddim'):
+    raise SampleError(f'solver = {name!r}: a distilled student samples with its own DDIM '
+                      'steps (leave --solver unset)')
   try:
     settings = factories.solver_settings(config, solver=name, steps=steps, **options)
-    # Two, not one: a respaced schedule keeps at least two timesteps (`schedules.respace`).
-    if not 2 <= settings['steps'] <= num_timesteps:
+    # Two, not one: a respaced schedule keeps at least two timesteps (`schedules.respace`);
+    # a distilled student takes exactly its round's steps (checked by its solver).
+    if not (distilled or 2 <= settings['steps'] <= num_timesteps):
       raise SampleError(f'steps = {settings["steps"]} must be in [2, {num_timesteps}] (the run '
                         f'was trained with {num_timesteps} diffusion timesteps)')
     if not 0.0 <= settings.get('eta', 0.0) <= 1.0:
@@ -187,8 +193,18 @@ def generate(config, params, *, num_samples: int, solver: str | None = None,
 
 
 def load_run(workdir: str, *, ema: bool = True, step: int | None = None) -> Run:
-  """The run in `workdir` (config.json + the newest good checkpoint; `runs.load_run`) as a `Run`."""
-  return Run(*runs.load_run(workdir, ema=ema, step=step))
+  """The run in `workdir` (config.json + the newest good checkpoint; `runs.load_run`) as a
+  `Run`; for a distillation workdir, its student with the fewest steps
+  (`distill_layout.resolve_workdir`)."""
+  return Run(*runs.load_run(_round(workdir, None), ema=ema, step=step))
+
+
+def _round(workdir: str, steps: int | None) -> str:
+  """`workdir`, or the round of a distillation workdir distilled for `steps` steps."""
+  try:
+    return distill_layout.resolve_workdir(workdir, steps)
+  except distill_layout.DistillError as e:
+    raise SampleError(str(e)) from None
 
 
 def _inpainting_inputs(config, settings, image_path, mask_path, *, inpaint_resample: int,
@@ -263,6 +279,7 @@ def sample_run(workdir: str, *, solver: str | None = None, steps: int | None = N
   Raises:
     SampleError: bad input, naming it; also a non-finite sample (then nothing is written).
   """
+  workdir = _round(workdir, steps)
   config = _read_config(workdir)
   mesh = parallel.make_mesh() if mesh is None else mesh
   opts = _resolve(config, solver=solver, sampler=sampler, steps=steps, eta=eta,

@@ -5,10 +5,12 @@ per run over a mesh of every device of every process, the batch sharded on
 'data', the state replicated and donated. Around it, each a named piece: checks
 before any compute, setup (`_restore_or_init`, `_compile_step`), the loop
 (`_loop`: steps, signals, the NaN check, the save policy `_Saves`, the sample-grid
-and evaluation `_hooks`) and the finish. Writers, progress and signals live in
-`jaxddpm.train_io`. The batch of step k is a pure function of (seed, k) and all
-randomness of step k comes from fold_in(state.rng, k), so a resumed run
-reproduces the uninterrupted one bit for bit.
+and evaluation hooks of `jaxddpm.train_hooks`) and the finish. Writers, progress
+and signals live in `jaxddpm.train_io`. A distillation round (`jaxddpm.distill`)
+is the same run with a teacher, whose parameters initialise the student and are
+a replicated, not donated, argument of the step. The batch of step k is a pure
+function of (seed, k) and all randomness of step k comes from fold_in(state.rng,
+k), so a resumed run reproduces the uninterrupted one bit for bit.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import contextlib
 import math
 import os
 import signal
-import time
 from typing import Any, Callable, Iterator, NamedTuple
 
 from absl import logging
@@ -28,14 +29,12 @@ import numpy as np
 from jaxddpm import checkpoint
 from jaxddpm import config_utils
 from jaxddpm import data as data_lib
-from jaxddpm import evaluation
 from jaxddpm import factories
-from jaxddpm import images as images_lib
 from jaxddpm import models
 from jaxddpm import parallel
 from jaxddpm import runtime
-from jaxddpm import sample
 from jaxddpm import schedules
+from jaxddpm import train_hooks
 from jaxddpm import train_io
 from jaxddpm import train_state
 from jaxddpm import train_step
@@ -66,40 +65,8 @@ def make_train_step(config, model, schedule: schedules.Schedule) -> Callable:
   return train_step.make_generic_train_step(loss_fn, config.optim, timestep_sampler=sampler)
 
 
-# ---------------------------------------------------------------------------
-# The hooks: sample grids and evaluation.
-
-
-def sample_grid(config, params, mesh) -> np.ndarray:
-  """The training grid: float32 [N, H, W, C] in [-1, 1], N = config.training.num_sample_grid.
-
-  `sample.generate` with config.sampling.train_grid_sampler / train_grid_steps (DDIM by
-  default) and the run's seed, so every grid of a run starts from the same noise. All
-  processes must call it (the parameters are global arrays).
-  """
-  num = int(config.training.num_sample_grid)
-  return sample.generate(
-      config, params, num_samples=num, batch_size=num,
-      sampler=config.sampling.train_grid_sampler,
-      steps=min(int(config.sampling.train_grid_steps), int(config.diffusion.num_timesteps)),
-      mesh=mesh)['samples']
-
-
-def evaluate(config, model, schedule: schedules.Schedule, state: train_state.TrainState, mesh,
-             workdir: str | None = None) -> dict[str, float]:
-  """Evaluation during training (every config.training.eval_every steps) with the EMA params:
-  `evaluation.training_metrics` (held-out bits/dim, FID / IS / KID) sampling through
-  `sample.generate`. Returns {name: value}, logged as 'eval/<name>'. All processes call it."""
-  params = state.ema_params
-
-  def sample_fn(num_samples, key):
-    # config.sampling's solver, through the package's one sampling loop.
-    return sample.generate(config, params, num_samples=num_samples, key=key,
-                           mesh=mesh)['samples']
-
-  return evaluation.training_metrics(config, model, schedule, params, mesh,
-                                     step=int(jax.device_get(state.step)),
-                                     sample_fn=sample_fn, workdir=workdir)
+evaluate = train_hooks.evaluate  # evaluation during training, with the EMA parameters
+sample_grid = train_hooks.sample_grid
 
 
 # ---------------------------------------------------------------------------
@@ -148,14 +115,16 @@ def _as_train_error(*errors: type[Exception], workdir: str | None = None):
     raise TrainError(str(e) if workdir is None else _untouched(str(e), workdir)) from e
 
 
-def _state_init(config, model, mesh) -> tuple[Callable, train_state.TrainState]:
-  """The jitted initialiser of a fresh TrainState (born replicated) and its abstract state."""
+def _state_init(config, model, mesh, teacher=None) -> tuple[Callable, train_state.TrainState]:
+  """The jitted initialiser of a fresh TrainState (born replicated; from the teacher's
+  parameters when given) and its abstract state."""
   replicated = parallel.replicated(mesh)
   # Initialisation runs once: compiling it with less LLVM optimisation saves
   # more time than its execution loses.
-  init_fn = jax.jit(lambda key: train_state.create_train_state(config, model, key),
-                    out_shardings=replicated, compiler_options=models.INIT_COMPILER_OPTIONS)
-  abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(int(config.seed)))
+  init_jit = jax.jit(lambda key, params: train_state.create_train_state(config, model, key, params),
+                     out_shardings=replicated, compiler_options=models.INIT_COMPILER_OPTIONS)
+  init_fn = lambda key: init_jit(key, teacher)  # the teacher: an argument, not a constant
+  abstract = jax.eval_shape(init_jit, jax.random.PRNGKey(int(config.seed)), teacher)
   abstract = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
   return init_fn, abstract
@@ -177,30 +146,33 @@ def _restore_or_init(config, workdir: str, batches, ckpt: checkpoint.Checkpointe
   return state, resumed
 
 
-def _compile_step(config, model, schedule, mesh) -> tuple[Callable, list[int]]:
-  """`make_train_step` jitted over the mesh, and the count of its traces (1 expected)."""
+def _compile_step(config, model, schedule, mesh, teacher=None) -> tuple[Callable, list[int]]:
+  """`make_train_step` (or, with a teacher, the distillation step) jitted over the mesh,
+  as step_fn(state, batches), and the count of its traces (1 expected)."""
   traces = [0]
-  train_steps = make_train_step(config, model, schedule)
+  if teacher is None:
+    train_steps = make_train_step(config, model, schedule)
+    teacher_steps = lambda state, batches, _: train_steps(state, batches)
+  else:
+    teacher_steps = factories.distillation_train_step(config, model, schedule)
 
-  def counted(state, batches):
+  def counted(state, batches, teacher_params):
     traces[0] += 1  # runs at trace time only
-    return train_steps(state, batches)
+    return teacher_steps(state, batches, teacher_params)
 
   replicated = parallel.replicated(mesh)
   # The state is donated: its buffers are reused for the new state.
-  step_fn = jax.jit(counted, in_shardings=(replicated, parallel.data_sharding(mesh, batch_axis=1)),
+  step_fn = jax.jit(counted, in_shardings=(
+      replicated, parallel.data_sharding(mesh, batch_axis=1), replicated),
                     out_shardings=(replicated, replicated), donate_argnums=(0,),
                     compiler_options=runtime.step_compiler_options())
-  return step_fn, traces
+  if teacher is not None:
+    teacher = jax.device_put(teacher, replicated)
+  return (lambda state, batches: step_fn(state, batches, teacher)), traces
 
 
 # ---------------------------------------------------------------------------
 # The loop and its policies.
-
-
-def _crossed(before: int, after: int, every: int) -> bool:
-  """Whether a multiple of `every` lies in (before, after]."""
-  return every > 0 and after // every > before // every
 
 
 def _steps_per_call(config, start_step: int) -> int:
@@ -299,28 +271,6 @@ class _Run(NamedTuple):
   saves: _Saves
 
 
-def _hooks(run: _Run, state: train_state.TrainState, before: int, step: int) -> None:
-  """The sample grid and the evaluation due in (before, step], with the EMA parameters."""
-  config = run.config
-  if _crossed(before, step, int(config.training.sample_every)):
-    images = sample_grid(config, state.ema_params, run.mesh)
-    if parallel.is_main_process():
-      os.makedirs(os.path.join(run.workdir, 'samples'), exist_ok=True)
-      grid = images_lib.image_grid(images)
-      images_lib.save_png(grid, os.path.join(run.workdir, 'samples', f'step_{step:06d}.png'))
-      run.writer.image(step, 'samples', grid)
-  if _crossed(before, step, int(config.training.eval_every)):
-    logging.info('Evaluating at step %d (held-out bits/dim, %d samples for FID-style metrics)...',
-                 step, int(config.eval.num_samples))
-    began = time.perf_counter()
-    results = evaluate(config, run.model, run.schedule, state, run.mesh, run.workdir)
-    figures = ', '.join(f'{name} {value:.4g}' for name, value in sorted(results.items()))
-    logging.info('Evaluation at step %d took %.0f s: %s.', step, time.perf_counter() - began,
-                 figures or 'no metric applies to this config')
-    if results:
-      run.writer.write(step, {f'eval/{name}': float(v) for name, v in results.items()})
-
-
 def _loop(run: _Run, state: train_state.TrainState,
           step: int) -> tuple[train_state.TrainState, int, int | None]:
   """Trains from `step` to training.num_train_steps; returns (state, step, stopped_by).
@@ -342,8 +292,8 @@ def _loop(run: _Run, state: train_state.TrainState,
       before, step = step, step + n
       run.progress.advance(n)
 
-      log_now = _crossed(before, step, int(t.log_every))
-      save_now = _crossed(before, step, int(t.checkpoint_every)) or step == total
+      log_now = train_hooks.crossed(before, step, int(t.log_every))
+      save_now = train_hooks.crossed(before, step, int(t.checkpoint_every)) or step == total
       # Across processes, asking costs a host sync; do it where the loop syncs anyway.
       stop_now = (jax.process_count() == 1 or log_now or save_now) and stop.requested()
       if log_now or save_now or stop_now:
@@ -354,7 +304,7 @@ def _loop(run: _Run, state: train_state.TrainState,
       if save_now or stop_now:
         run.saves.save(step, state)
       with run.log.paused():
-        _hooks(run, state, before, step)
+        train_hooks.run_hooks(run, state, before, step)
       if stop_now:
         logging.warning('Stopped by signal at step %d; checkpoint saved.', step)
         return state, step, stop.signum if stop.signum is not None else signal.SIGTERM
@@ -365,8 +315,12 @@ def _loop(run: _Run, state: train_state.TrainState,
 # The run: checks, setup, loop, finish.
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       teacher: Any = None) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its newest good checkpoint.
+
+  teacher: for a distillation round (`jaxddpm.distill`), the teacher's parameters (host
+  arrays): they initialise a fresh state and teach in `factories.distillation_train_step`.
 
   Returns a summary: {'step': last step, 'loss': mean loss of the last logged
   interval (None when no step ran), 'trained_steps': steps run by this call,
@@ -393,18 +347,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with _as_train_error(workdir_lib.WorkdirError):
       workdir_lib.check_compatible(config, workdir,
                                    has_checkpoints=bool(checkpoint.saved_steps(workdir)))
-    return _train(config, workdir, pipeline)
+    return _train(config, workdir, pipeline, teacher)
   finally:
     if lock is not None:
       lock.release()
 
 
-def _train(config, workdir: str, pipeline) -> dict[str, Any]:
+def _train(config, workdir: str, pipeline, teacher) -> dict[str, Any]:
   """Setup, `_loop` and the finish on a locked, checked workdir; the summary."""
   main = parallel.is_main_process()
   mesh = parallel.make_mesh()
   model, schedule = factories.create_model(config), factories.schedule(config)
-  init_fn, abstract = _state_init(config, model, mesh)
+  init_fn, abstract = _state_init(config, model, mesh, teacher)
   ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir),
                                  keep=int(config.training.keep_checkpoints))
   total = int(config.training.num_train_steps)
@@ -413,7 +367,7 @@ def _train(config, workdir: str, pipeline) -> dict[str, Any]:
   try:
     state, resumed = _restore_or_init(config, workdir, batches, ckpt, init_fn, abstract)
     start = int(jax.device_get(state.step))
-    step_fn, traces = _compile_step(config, model, schedule, mesh)
+    step_fn, traces = _compile_step(config, model, schedule, mesh, teacher)
     writer = train_io.MetricWriter(workdir, main)
     progress = train_io.Progress(start, total, main)
     log = train_io.MetricLog(writer, progress, start, int(config.training.batch_size))

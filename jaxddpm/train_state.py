@@ -42,12 +42,17 @@ class TrainState:
 
 
 def learning_rate_schedule(optim_config) -> optax.Schedule:
-  """lr_k = lr * min(1, k / warmup_steps): DDPM's linear warmup, then constant."""
+  """lr_k = lr * min(1, k / warmup_steps): DDPM's linear warmup, then constant; with
+  optim.decay_steps = D > 0, annealed linearly from lr after the warmup to 0 at step D
+  (progressive distillation's rounds, Salimans & Ho 2022 sec. 4)."""
   lr = float(optim_config.lr)
   warmup = int(optim_config.warmup_steps)
-  if warmup <= 0:
-    return optax.constant_schedule(lr)
-  return optax.linear_schedule(0.0, lr, warmup)
+  decay = int(optim_config.get('decay_steps', 0))
+  rising = optax.linear_schedule(0.0, lr, warmup) if warmup > 0 else None
+  if decay <= 0:
+    return rising or optax.constant_schedule(lr)
+  falling = optax.linear_schedule(lr, 0.0, max(decay - warmup, 1))
+  return falling if rising is None else optax.join_schedules([rising, falling], [warmup])
 
 
 def make_optimizer(optim_config) -> optax.GradientTransformation:
@@ -64,10 +69,12 @@ def make_optimizer(optim_config) -> optax.GradientTransformation:
   return opt
 
 
-def create_train_state(config, model, key: jax.Array) -> TrainState:
-  """A fresh state: params from `models.init_params`, EMA = params, step 0. Pure; jit it."""
+def create_train_state(config, model, key: jax.Array, params=None) -> TrainState:
+  """A fresh state: params from `models.init_params` (or the given ones, e.g. a
+  distillation teacher's), EMA = params, step 0. Pure; jit it."""
   init_key, rng = jax.random.split(key)
-  params = models.init_params(model, init_key)
+  if params is None:
+    params = models.init_params(model, init_key)
   tx = make_optimizer(config.optim)
   timestep_state = None
   if config.diffusion.timestep_sampler == 'loss_aware':

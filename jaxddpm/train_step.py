@@ -86,3 +86,15 @@ def make_generic_train_step(loss_fn, optim_config, *,
     return jax.lax.scan(one_step, state, batches)
 
   return train_steps
+
+
+def make_teacher_train_step(loss_fn, optim_config) -> Callable:
+  """train_steps(state, batches, teacher_params) for an objective with a frozen teacher,
+  loss_fn(params, teacher_params, batch, key) -> (loss, metrics) (progressive distillation):
+  `make_generic_train_step` with the teacher's parameters bound, so they are an argument
+  of the compiled step, not a constant of it."""
+  def train_steps(state: train_state.TrainState, batches, teacher_params):
+    bound = lambda params, batch, key, _: loss_fn(params, teacher_params, batch, key)
+    return make_generic_train_step(bound, optim_config)(state, batches)
+
+  return train_steps

@@ -12,7 +12,10 @@ from jaxddpm import diffusion
 from jaxddpm import factories
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs'
-CONFIG_NAMES = sorted(p.stem for p in CONFIG_DIR.glob('*.py') if p.stem != '__init__')
+ALL_NAMES = sorted(p.stem for p in CONFIG_DIR.glob('*.py') if p.stem != '__init__')
+# Distillation configs hold the rounds' settings; the model, schedule and data are the teacher's.
+DISTILL_NAMES = [n for n in ALL_NAMES if n.endswith('_distill')]
+CONFIG_NAMES = [n for n in ALL_NAMES if n not in DISTILL_NAMES]
 
 
 def load(name):
@@ -36,6 +39,30 @@ def test_every_config_loads_and_validates(name):
   # workdir/config.json round trip: tuples come back as lists and still validate.
   restored = ml_collections.ConfigDict(json.loads(config.to_json_best_effort()))
   config_utils.validate_config(restored)
+
+
+@pytest.mark.parametrize('name', DISTILL_NAMES)
+def test_distillation_configs_validate_and_make_valid_rounds(name):
+  from jaxddpm import distill  # pylint: disable=g-import-not-at-top
+  config = load(name)
+  config.distill.teacher = 'runs/teacher'
+  assert distill.is_distillation(config)
+  distill.check_config(config)
+  config_utils.validate_config(config)
+  teacher = load('cifar' if name.startswith('cifar') else 'digits')
+  steps = distill.round_steps(config)
+  assert steps[-1] == 1 and 2 * steps[0] <= teacher.diffusion.num_timesteps
+  for index, n in enumerate(steps):
+    round_config = distill.round_config(config, teacher, n, index)
+    config_utils.validate_config(round_config)
+    assert factories.is_distilled(round_config) and round_config.sampling.num_steps == n
+
+
+def test_cifar_distill_has_the_papers_settings():
+  config = load('cifar_distill')  # Salimans & Ho 2022, appendix E (CIFAR-10)
+  assert (config.training.num_train_steps, config.training.batch_size) == (50_000, 128)
+  assert (config.optim.lr, config.optim.ema_decay, config.distill.dropout) == (5e-5, 0.0, 0.0)
+  assert (config.distill.student_mean_type, config.distill.weighting) == ('v', 'truncated_snr')
 
 
 def test_cifar_is_the_ddpm_paper_run():

@@ -11,6 +11,7 @@ Environment:
   FAIL_SAVE_AT=S: the background write of checkpoint S fails as on a full disk.
   FAIL_CONFIG_WRITE=1: writing config.json fails midway (ENOSPC).
   MOCK_TFDS=N: run under tfds.testing.mock_data(num_examples=N).
+  DISTILL=1: run `distill.distill` on configs/digits_distill.py (the overrides apply to it).
 
 Prints 'SUMMARY <json>' at the end; a TrainError prints its message to stderr and exits 1,
 as run_train.py does.
@@ -27,6 +28,7 @@ import jax
 jax.config.update('jax_num_cpu_devices', int(os.environ.get('NUM_DEVICES', '4')))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from configs import digits_distill  # noqa: E402  pylint: disable=g-import-not-at-top
 from configs import tiny  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxddpm import data  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxddpm import parallel  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -132,8 +134,10 @@ def main():
   logging.use_absl_handler()
   logging.set_verbosity(logging.INFO)
   parallel.maybe_initialize_distributed()
+  from jaxddpm import distill  # pylint: disable=g-import-not-at-top
   from jaxddpm import train  # pylint: disable=g-import-not-at-top
-  config = tiny.get_config()
+  distilling = os.environ.get('DISTILL') == '1'
+  config = digits_distill.get_config() if distilling else tiny.get_config()
   for key, value in overrides.items():
     node = config
     *path, leaf = key.split('.')
@@ -148,8 +152,9 @@ def main():
                                   data_dir=config.data.data_dir)
   try:
     with mock:
-      summary = train.train_and_evaluate(config, workdir)
-  except train.TrainError as e:
+      summary = (distill.distill(config, workdir) if distilling
+                 else train.train_and_evaluate(config, workdir))
+  except (train.TrainError, distill.DistillError) as e:
     print(f'error: {e}', file=sys.stderr)
     if isinstance(e, train.SaveError):
       sys.stderr.flush()
