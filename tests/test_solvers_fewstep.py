@@ -143,6 +143,7 @@ def test_inpainting_conditions_the_fill(schedule, name):
   plain = solvers.sample(model_fn, solver, jax.random.key(6), (4, 1, 2, 1))
   nothing_known = inpainting.replacement(solver, known[:1], jnp.zeros_like(mask))
   assert nothing_known.multistep == solver.multistep and nothing_known.grid is solver.grid
+  assert nothing_known.nfe == solver.nfe
   np.testing.assert_array_equal(
       solvers.sample(model_fn, nothing_known, jax.random.key(6), (4, 1, 2, 1)), plain)
 

@@ -27,14 +27,19 @@ multistep code (`multistep_dpm_solver_third_update`) and diffusers'
 factor 2 (their singlestep 'taylor' update does define D2 with it), which halves the x'' term:
 their 3M is second order (on the Gaussian test problem its error falls as NFE^-2; this one's as
 NFE^-3, tests/test_solvers_fewstep.py). Here the paper's expansion is followed. The SDE
-variant solves the diffusion SDE instead, whose exact solution with data prediction is
+variant solves the diffusion SDE instead, whose solution with data prediction is
 x_t = (sigma_t / sigma_s) e^-h x_s + 2 alpha_t int e^{-2(lambda_t - lambda)} x_theta d lambda
-+ sigma_t sqrt(1 - e^-2h) z; with x_theta taken linear in lambda (the midpoint form)
++ sigma_t sqrt(1 - e^-2h) z; with x_theta at m0 + D1 / 2 over the step (the midpoint form of
+2M)
 
   2M SDE   x_t = (sigma_t / sigma_s0) e^-h x_s0 + alpha_t (1 - e^-2h) (m0 + D1 / 2)
                  + sigma_t sqrt(1 - e^-2h) z,   z ~ N(0, I),
 
-(diffusers' `sde-dpmsolver++`, `solver_type='midpoint'`; the first step drops D1).
+(diffusers' `sde-dpmsolver++`, `solver_type='midpoint'`; the first step drops D1; z is drawn
+from the solver half of each operation's key, `base.split_op_key`).
+
+Shapes: x and every D_j are [B, ...] float32; the coefficients are per step, [N] and [N, K + 1]
+(`multistep`).
 
 Orders, as diffusers' `DPMSolverMultistepScheduler` (lower_order_final=True): the first steps
 use the orders the history allows (1, then 2); the last step, to the data (sigma = 0, h = inf,

@@ -39,6 +39,10 @@ class Inpainting:
   def multistep(self) -> bool:
     return self.solver.multistep
 
+  @property
+  def nfe(self) -> int:
+    return self.solver.nfe
+
   def _replace(self, x: jax.Array, point, key: jax.Array) -> jax.Array:
     """x with its known region a draw of q(x_point | known) (DDPM eq. 4)."""
     noise = jax.random.normal(key, x.shape, x.dtype)

@@ -5,8 +5,8 @@ Step i goes from grid point s0 = i to t = i + 1, h = lambda_t - lambda_s0 (lambd
 sigma)), with the model's x_0 predictions m0 = D_i and m_k = D_{i-k} at earlier points s_k,
 r_k = (lambda_{s_k} - lambda_s0) / h, D1_k = (m_k - m0) / r_k. With hh = -h, B(h) = e^hh - 1
 and the phi-functions h phi_1 = e^hh - 1, h phi_{k+1} = h phi_k / hh - 1 / k! (phi_k of the
-exponential integrators), the order-p update is (UniP-p and UniC-p, sec. 3.1-3.2 and
-Algorithm 2 of the paper, data-prediction form of its appendix):
+exponential integrators), the order-p update is (UniP-p and UniC-p of the paper, sec. 3, in
+their data-prediction form):
 
   UniP-p  x_t = (sigma_t / sigma_s0) x_s0 - alpha_t h phi_1 m0 - alpha_t B(h) sum_{k<p} a_k D1_k,
   UniC-p  x_t^c = (sigma_t / sigma_s0) x_s0 - alpha_t h phi_1 m0
@@ -14,7 +14,7 @@ Algorithm 2 of the paper, data-prediction form of its appendix):
 
 where D_t is the prediction at the predicted x_t itself (the next step's model call, so the
 corrector costs no evaluation), and the a solve R a = g with R_{jk} = r_k^j (r_p = 1) and
-g_j = h phi_{j+2} j! / B(h), j = 0..p-1: UniC uses the full p x p system, UniP the
+g_j = h phi_{j+2} (j + 1)! / B(h), j = 0..p-1: UniC uses the full p x p system, UniP the
 (p-1) x (p-1) one. As the authors' code and diffusers', UniP-2 uses a_1 = 1/2 (the h -> 0 limit
 of its solved value) and UniC-1 a^c_1 = 1/2.
 
