@@ -7,8 +7,8 @@ Rows: the teacher with DDPM at 200 steps and with DDIM at each student's step co
 samples). Each row samples `--num` images from the same seed and scores them with the
 run's metric against the training data: digits_fid / digits_is for digits runs (the offline
 digits classifier), FID / IS with --inception_weights otherwise. Also the wall time of
-sampling (compilation excluded: each row is run once to compile, then timed) and of each
-round's distillation (from its metrics.jsonl). Prints a markdown table.
+sampling (compilation included) and of each round's distillation (from its metrics.jsonl).
+Prints a markdown table; --students=4,2 limits the rows to those students (no teacher rows).
 """
 
 import json
@@ -32,6 +32,7 @@ _NUM = flags.DEFINE_integer('num', 1000, 'Samples per row.')
 _BATCH = flags.DEFINE_integer('batch_size', 500, 'Samples per compiled call.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of every row.')
 _INCEPTION = flags.DEFINE_string('inception_weights', None, 'Inception weights (non-digits).')
+_STUDENTS = flags.DEFINE_list('students', None, 'Only these students (steps), no teacher rows.')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -48,8 +49,7 @@ def _round_seconds(rdir: str) -> float:
 
 
 def _timed(config, params, **kw):
-  """(samples, seconds of the second, compiled call)."""
-  sample.generate(config, params, num_samples=_BATCH.value, batch_size=_BATCH.value, **kw)
+  """(samples, seconds), compilation included."""
   began = time.perf_counter()
   out = sample.generate(config, params, num_samples=_NUM.value, batch_size=_BATCH.value,
                         seed=_SEED.value, **kw)['samples']
@@ -69,11 +69,15 @@ def main(argv):
                                                inception_weights=_INCEPTION.value, required=True)
   reference = evaluation.dataset_reference_stats(t_config, extractor)
 
-  rows = [('teacher DDPM', 200, t_config, t_params, dict(sampler='ddpm', steps=200), None)]
-  for steps in sorted(done, reverse=True):
-    if steps >= 2:
-      rows.append(('teacher DDIM', steps, t_config, t_params, dict(sampler='ddim', steps=steps),
-                   None))
+  rows = []
+  if _STUDENTS.value is None:
+    rows.append(('teacher DDPM', 200, t_config, t_params, dict(sampler='ddpm', steps=200), None))
+    for steps in sorted(done, reverse=True):
+      if steps >= 2:
+        rows.append(('teacher DDIM', steps, t_config, t_params,
+                     dict(sampler='ddim', steps=steps), None))
+  else:
+    done = {int(n): done[int(n)] for n in _STUDENTS.value if int(n) in done}
   for steps in sorted(done, reverse=True):
     s_config, s_params, _ = runs.load_run(done[steps])
     rows.append(('student', steps, s_config, s_params, dict(steps=steps), done[steps]))
