@@ -17,7 +17,6 @@ from jaxddpm import objectives
 from jaxddpm import schedules
 from jaxddpm import solvers
 from jaxddpm import timesteps
-from jaxddpm import train_step
 
 
 def schedule(config) -> schedules.Schedule:
@@ -180,42 +179,6 @@ def is_distilled(config) -> bool:
 def distillation_grid(config, schedule_: schedules.Schedule):
   """The round's `distillation.TimeGrid` (distill.grid_points K on the teacher's schedule)."""
   return distillation.make_time_grid(schedule_, int(config.distill.grid_points))
-
-
-def distillation_train_step(config, model: nn.Module, schedule_: schedules.Schedule):
-  """train_steps(state, batches, teacher_params) -> (state, metrics) of a distillation round.
-
-  The student (config.diffusion.model_mean_type, 'v' or 'x0', in training mode) learns the
-  teacher's two DDIM steps (`distillation.distillation_objective`); the teacher is the
-  original run (distill.teacher_kind 'run': its own mean / variance types, x-hat clipped as
-  config.sampling.clip_denoised) or the previous round's student ('student').
-  """
-  d = config.distill
-  grid = distillation_grid(config, schedule_)
-  channels = int(config.data.channels)
-  var_type = config.diffusion.model_var_type
-  clip = bool(config.sampling.clip_denoised)
-
-  def train_apply(params, x, t, cond, key):
-    return models.make_model_fn(model, params, train=True, dropout_rng=key)(x, t, cond)
-
-  def eval_apply(params, x, t, cond, key=None):
-    del key
-    return models.make_model_fn(model, params)(x, t, cond)
-
-  student = distillation.student_x_hat(
-      train_apply, grid, mean_type=config.diffusion.model_mean_type, channels=channels,
-      var_type=var_type)
-  if d.teacher_kind == 'run':
-    teacher = distillation.run_x_hat(eval_apply, schedule_, grid, mean_type=d.teacher_mean_type,
-                                     var_type=d.teacher_var_type, clip=clip)
-  else:
-    teacher = distillation.student_x_hat(eval_apply, grid, mean_type=d.teacher_mean_type,
-                                         channels=channels, var_type=var_type, clip=clip)
-  loss_fn = distillation.distillation_objective(
-      student, teacher, grid, int(d.round_steps), weighting=d.weighting,
-      cond_spec=model.config.cond_spec())
-  return train_step.make_teacher_train_step(loss_fn, config.optim)
 
 
 def distilled_solver(config, schedule_: schedules.Schedule, num_steps: int):

@@ -29,6 +29,7 @@ import numpy as np
 from jaxddpm import checkpoint
 from jaxddpm import config_utils
 from jaxddpm import data as data_lib
+from jaxddpm import distillation
 from jaxddpm import factories
 from jaxddpm import models
 from jaxddpm import parallel
@@ -63,6 +64,42 @@ def make_train_step(config, model, schedule: schedules.Schedule) -> Callable:
   (`train_step.make_generic_train_step` over `factories.objective`)."""
   loss_fn, sampler = factories.objective(config, model, schedule)
   return train_step.make_generic_train_step(loss_fn, config.optim, timestep_sampler=sampler)
+
+
+def make_distillation_step(config, model, schedule_: schedules.Schedule) -> Callable:
+  """train_steps(state, batches, teacher_params) -> (state, metrics) of a distillation round.
+
+  The student (config.diffusion.model_mean_type, 'v' or 'x0', in training mode) learns the
+  teacher's two DDIM steps (`distillation.distillation_objective`); the teacher is the
+  original run (distill.teacher_kind 'run': its own mean / variance types, x-hat clipped as
+  config.sampling.clip_denoised) or the previous round's student ('student').
+  """
+  d = config.distill
+  grid = factories.distillation_grid(config, schedule_)
+  channels = int(config.data.channels)
+  var_type = config.diffusion.model_var_type
+  clip = bool(config.sampling.clip_denoised)
+
+  def train_apply(params, x, t, cond, key):
+    return models.make_model_fn(model, params, train=True, dropout_rng=key)(x, t, cond)
+
+  def eval_apply(params, x, t, cond, key=None):
+    del key
+    return models.make_model_fn(model, params)(x, t, cond)
+
+  student = distillation.student_x_hat(
+      train_apply, grid, mean_type=config.diffusion.model_mean_type, channels=channels,
+      var_type=var_type)
+  if d.teacher_kind == 'run':
+    teacher = distillation.run_x_hat(eval_apply, schedule_, grid, mean_type=d.teacher_mean_type,
+                                     var_type=d.teacher_var_type, clip=clip)
+  else:
+    teacher = distillation.student_x_hat(eval_apply, grid, mean_type=d.teacher_mean_type,
+                                         channels=channels, var_type=var_type, clip=clip)
+  loss_fn = distillation.distillation_objective(
+      student, teacher, grid, int(d.round_steps), weighting=d.weighting,
+      cond_spec=model.config.cond_spec())
+  return train_step.make_teacher_train_step(loss_fn, config.optim)
 
 
 evaluate = train_hooks.evaluate  # evaluation during training, with the EMA parameters
@@ -154,7 +191,7 @@ def _compile_step(config, model, schedule, mesh, teacher=None) -> tuple[Callable
     train_steps = make_train_step(config, model, schedule)
     teacher_steps = lambda state, batches, _: train_steps(state, batches)
   else:
-    teacher_steps = factories.distillation_train_step(config, model, schedule)
+    teacher_steps = make_distillation_step(config, model, schedule)
 
   def counted(state, batches, teacher_params):
     traces[0] += 1  # runs at trace time only
@@ -320,7 +357,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Trains `config` in `workdir`, resuming from its newest good checkpoint.
 
   teacher: for a distillation round (`jaxddpm.distill`), the teacher's parameters (host
-  arrays): they initialise a fresh state and teach in `factories.distillation_train_step`.
+  arrays): they initialise a fresh state and teach in `make_distillation_step`.
 
   Returns a summary: {'step': last step, 'loss': mean loss of the last logged
   interval (None when no step ran), 'trained_steps': steps run by this call,
