@@ -29,7 +29,6 @@ from typing import Any
 from absl import logging
 import jax
 import ml_collections
-import numpy as np
 
 from jaxddpm import checkpoint
 from jaxddpm import distill_layout
@@ -206,9 +205,3 @@ def distill(config, workdir: str) -> dict[str, Any]:
                    len(all_steps), steps, rdir)
     teacher = jax.device_get(checkpoint.load_params(rdir, ema=True, step=updates))
   return summary
-
-
-def describe(summary: dict[str, Any]) -> str:
-  """One line per round run by this call, for the log."""
-  return '; '.join(f'{r["steps"]} steps: {r["trained_steps"]} updates, loss '
-                   f'{np.nan if r["loss"] is None else r["loss"]:.4g}' for r in summary['rounds'])

@@ -10,8 +10,12 @@ ODE dy / d sigma = (y - E[x_0 | y]) / sigma = (y - mu) sigma / (s^2 + sigma^2) h
 solution y(sigma) - mu = (y(sigma_T) - mu) sqrt((s^2 + sigma^2) / (s^2 + sigma_T^2)).
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxddpm import parallel
+from jaxddpm import solvers
 
 MU, S = 0.3, 0.2
 
@@ -54,3 +58,18 @@ def lambda_uniform_betas(num_timesteps: int, lambda_min: float, lambda_max: floa
   lam = lambda_max - (lambda_max - lambda_min) * np.arange(num_timesteps) / (num_timesteps - 1)
   abar = 1.0 / (1.0 + np.exp(-2.0 * lam))
   return 1.0 - abar / np.append(1.0, abar[:-1])
+
+
+def sample_sharded(plan, model_fn, key, shape):
+  """x_0 of `plan` by the loop jaxddpm.sample runs: the state split over every device on
+  'data' (scalars replicated), x_T drawn there, one jitted `run_chunk` per chunk."""
+  mesh = parallel.make_mesh()
+  init = lambda k: plan.init(k, shape)
+  shardings = jax.tree.map(
+      lambda a: parallel.data_sharding(mesh) if a.ndim else parallel.replicated(mesh),
+      jax.eval_shape(init, key))
+  state = jax.jit(init, out_shardings=shardings)(key)
+  run = jax.jit(solvers.run_chunk, out_shardings=(shardings, None))
+  for start in plan.chunk_starts:
+    state, _ = run(plan, model_fn, state, start)
+  return state.x

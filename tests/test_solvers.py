@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 
 from jaxddpm.models import conditioning
-from jaxddpm import parallel
 from jaxddpm import schedules
 from jaxddpm import solvers
 from jaxddpm.solvers import inpainting
@@ -191,18 +190,11 @@ def test_sharded_batch_gives_the_same_samples(schedule):
   """The loop of jaxddpm.sample: the state split over 4 devices on 'data', x_T drawn there."""
   model_fn = solvers.base.as_pytree(gaussian_model())
   plan = solvers.make_plan(solvers.make_solver(schedule, 'ddpm', num_steps=12), chunk_length=5)
-  key, mesh = jax.random.key(15), parallel.make_mesh()
+  key = jax.random.key(15)
   want = solvers.sample(model_fn, plan, key, (8, 4, 4, 1))
-  init = lambda key: plan.init(key, (8, 4, 4, 1))
-  shardings = jax.tree.map(
-      lambda a: parallel.data_sharding(mesh) if a.ndim else parallel.replicated(mesh),
-      jax.eval_shape(init, key))
-  state = jax.jit(init, out_shardings=shardings)(key)
-  run = jax.jit(solvers.run_chunk, out_shardings=(shardings, None))
-  for start in plan.chunk_starts:
-    state, _ = run(plan, model_fn, state, start)
-  assert len(state.x.sharding.device_set) == 4
-  np.testing.assert_array_equal(state.x, want)
+  x = gaussian.sample_sharded(plan, model_fn, key, (8, 4, 4, 1))
+  assert len(x.sharding.device_set) == 4
+  np.testing.assert_array_equal(x, want)
 
 
 def test_compiled_once_for_all_chunks_and_etas(schedule):
