@@ -7,8 +7,12 @@ agree bitwise.
 """
 
 import dataclasses
+import os
+import platform
+import re
 
 import jax
+import jaxlib
 import numpy as np
 
 from configs import tiny
@@ -19,6 +23,10 @@ from jaxddpm import solvers
 from jaxddpm import train
 from jaxddpm import train_state
 from jaxddpm import factories
+
+# The CPU features XLA's CPU code generation chooses kernels by: a float32 sum may round
+# differently on another instruction set, so bitwise agreement holds per (jaxlib, ISA).
+_ISA_FLAGS = re.compile(r'^(avx|avx2|fma|f16c|avx512\w*|amx\w*|avx_vnni\w*)$')
 
 NUM_STEPS = 20
 NUM_SAMPLES = 16
@@ -55,3 +63,20 @@ def compute() -> dict[str, np.ndarray]:
         out[f'{name}_{which}'] = np.asarray(solvers.sample(
             model_fn, plan, key, shape, compiler_options=runtime.step_compiler_options()))
   return out
+
+
+def machine() -> str:
+  """jaxlib version, core count and the host's vector-ISA flags: where two machines agree on this, XLA
+  compiles the same CPU kernels, so the recorded values must be reproduced bit for bit."""
+  flags = set()
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('flags'):
+          flags = {w for w in line.split(':', 1)[1].split() if _ISA_FLAGS.match(w)}
+          break
+  except OSError:
+    flags = {platform.processor()}
+  # The core count sets how XLA splits a parallel loop, and so the order of partial sums.
+  return (f'jaxlib {jaxlib.__version__}; {platform.machine()}; {os.cpu_count()} cores; '
+          + ' '.join(sorted(flags)))
