@@ -25,7 +25,7 @@ from jaxddpm import train_state
 from jaxddpm import factories
 
 # The CPU features XLA's CPU code generation chooses kernels by: a float32 sum may round
-# differently on another instruction set, so bitwise agreement holds per (jaxlib, ISA).
+# differently on another instruction set, so bitwise agreement holds per (jaxlib, cores, ISA).
 _ISA_FLAGS = re.compile(r'^(avx|avx2|fma|f16c|avx512\w*|amx\w*|avx_vnni\w*)$')
 
 NUM_STEPS = 20
@@ -66,8 +66,8 @@ def compute() -> dict[str, np.ndarray]:
 
 
 def machine() -> str:
-  """jaxlib version, core count and the host's vector-ISA flags: where two machines agree on this, XLA
-  compiles the same CPU kernels, so the recorded values must be reproduced bit for bit."""
+  """jaxlib version, core count and the host's vector-ISA flags: where two machines agree on
+  this, XLA compiles the same CPU kernels, so the recorded values must be reproduced bitwise."""
   flags = set()
   try:
     with open('/proc/cpuinfo') as f:
