@@ -12,6 +12,9 @@ JSON line. A mistake ends as one line `run_sample.py: error: ...` and exit 1.
   python run_sample.py --workdir=runs/digits --solver=heun --steps=19 --s_churn=10
   python run_sample.py --workdir=runs/cifar --inpaint_image=img.png --inpaint_mask=mask.png
   python run_sample.py --workdir=runs/digits --num_samples=1000 --metrics=fid,is,kid,bpd
+  python run_sample.py --workdir=runs/base --sr_workdir=runs/sr      # a cascade
+  python run_sample.py --sr_workdir=runs/sr --low_res_images=DIR     # upscale a folder
+  python run_sample.py --sr_workdir=runs/sr --sr_samples_per_input=8 # held-out SR metrics
 """
 
 # Before anything starts threads: glibc then keeps freed memory for reuse, unless
@@ -30,7 +33,8 @@ from jaxddpm import config_utils
 from jaxddpm import parallel
 from jaxddpm import solvers
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (config.json + checkpoints/).')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (config.json + checkpoints/); '
+                                'with --sr_workdir, the base run of a cascade.')
 _SOLVER = flags.DEFINE_enum('solver', None, list(solvers.SOLVERS),
                             'The solver (jaxddpm.solvers).')
 _SAMPLER = flags.DEFINE_enum('sampler', None, list(solvers.SOLVERS), 'Old name of --solver.')
@@ -58,6 +62,19 @@ _INPAINT_RESAMPLE = flags.DEFINE_integer(
 _INPAINT_JUMP = flags.DEFINE_integer('inpaint_jump_length', 10, 'RePaint jump length.')
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Where to write the samples.')
 _SAVE_INDIVIDUAL = flags.DEFINE_bool('save_individual', False, 'Also write one PNG per sample.')
+# --- super-resolution (jaxddpm.cascade) ---
+_SR_WORKDIR = flags.DEFINE_multi_string(
+    'sr_workdir', [], 'Super-resolution run(s), in cascade order. Alone: upscale '
+    '--low_res_images, or the held-out split with its metrics.')
+_LOW_RES_IMAGES = flags.DEFINE_string('low_res_images', None,
+                                      'Folder of low-res PNG/JPEG images to upscale.')
+_AUG_LEVEL = flags.DEFINE_float('aug_level', None, 'SR stages: the noise-conditioning '
+                                'augmentation level s in [0, 1] (default: each run\'s config).')
+_SR_SOLVER = flags.DEFINE_enum('sr_solver', None, list(solvers.SOLVERS),
+                               'SR stages: the solver (default: each run\'s config).')
+_SR_STEPS = flags.DEFINE_integer('sr_steps', None, 'SR stages: model evaluations.')
+_SR_SAMPLES = flags.DEFINE_integer('sr_samples_per_input', 1,
+                                   'Held-out SR metrics: samples per input (their mean too).')
 # --- evaluation (jaxddpm.evaluation) ---
 _METRICS = flags.DEFINE_string(
     'metrics', '', 'Comma-separated metrics of the samples / held-out data: fid,is,kid,bpd '
@@ -72,7 +89,6 @@ _BPD_NUM_EXAMPLES = flags.DEFINE_integer(
 _RUNTIME_TUNING = runtime.define_flag()
 _DISTRIBUTED = flags.DEFINE_bool('distributed', None,
                                  'Call jax.distributed.initialize() (multi-host).')
-flags.mark_flags_as_required(['workdir'])
 
 
 def main(argv):
@@ -83,6 +99,12 @@ def main(argv):
   parallel.maybe_initialize_distributed(_DISTRIBUTED.value)
   from jaxddpm import evaluation  # pylint: disable=g-import-not-at-top
   from jaxddpm import sample  # pylint: disable=g-import-not-at-top
+  if _SR_WORKDIR.value:
+    return _super_resolution(sample)
+  if _LOW_RES_IMAGES.value:
+    _fail('--low_res_images needs --sr_workdir (the super-resolution run)')
+  if not _WORKDIR.value:
+    _fail('--workdir (the run to sample) is required')
   try:
     extractor = evaluation.prepare_run_metrics(  # fails fast, before sampling
         _WORKDIR.value, _METRICS.value, inception_weights=_INCEPTION_WEIGHTS.value)
@@ -104,8 +126,7 @@ def main(argv):
       if parallel.is_main_process():
         evaluation.write_json(os.path.join(result['output_dir'], 'metrics.json'), metrics)
   except (sample.SampleError, evaluation.EvaluationError, OSError) as e:
-    print(f'run_sample.py: error: {e}', file=sys.stderr)
-    sys.exit(1)
+    _fail(e)
   if parallel.is_main_process():
     print(f'Wrote {len(result["images"])} samples ({result["nfe"]} model evaluations each) to '
           f'{result["output_dir"]}')
@@ -113,6 +134,31 @@ def main(argv):
       print(f'Inpainting PSNR of the filled region: {result["psnr"].mean():.2f} dB')
     if metrics is not None:
       print(json.dumps(evaluation.scalars(metrics), sort_keys=True))
+
+
+def _fail(message) -> None:
+  print(f'run_sample.py: error: {message}', file=sys.stderr)
+  sys.exit(1)
+
+
+def _super_resolution(sample) -> None:
+  """--sr_workdir: a cascade from --workdir, a folder's upscaling, or held-out metrics."""
+  from jaxddpm import cascade  # pylint: disable=g-import-not-at-top
+  sr = dict(solver=_SR_SOLVER.value, steps=_SR_STEPS.value, aug_level=_AUG_LEVEL.value,
+            seed=_SEED.value, batch_size=_BATCH_SIZE.value)
+  base = dict(solver=_SOLVER.value, steps=_STEPS.value, eta=_ETA.value,
+              num_samples=_NUM_SAMPLES.value, batch_size=_BATCH_SIZE.value, seed=_SEED.value,
+              class_label=_CLASS_LABEL.value, guidance_scale=_GUIDANCE_SCALE.value)
+  try:
+    result = cascade.run(_WORKDIR.value, _SR_WORKDIR.value, low_res_images=_LOW_RES_IMAGES.value,
+                         samples_per_input=_SR_SAMPLES.value, output_dir=_OUTPUT_DIR.value,
+                         sr_kwargs=sr, base_kwargs=base)
+  except (sample.SampleError, OSError) as e:
+    _fail(e)
+  if parallel.is_main_process():
+    print(f'Wrote {len(result["images"])} upscaled images to {result["output_dir"]}')
+    if 'metrics' in result:
+      print(json.dumps(result['metrics'], sort_keys=True))
 
 
 if __name__ == '__main__':

@@ -24,6 +24,10 @@ def get_config():
   # Grain worker processes that decode and augment; -1: min(4, cores - 1). The data
   # order does not depend on it.
   data.num_workers = -1
+  # Super-resolution: > 0 gives every example cond['low_res'], x downsampled to this side
+  # (antialiased bicubic, jaxddpm.data.transforms.bicubic_resize), and makes the model an SR model.
+  data.low_res_size = 0
+  data.photo_size = 128  # photos: each photograph's short side before cropping
 
   config.model = model = ml_collections.ConfigDict()
   model.name = 'unet'  # the denoiser, from the model registry (jaxddpm.models)
@@ -63,6 +67,9 @@ def get_config():
   diffusion.min_snr_gamma = 5.0
   diffusion.cosine_s = 0.008  # cosine schedule offset (improved DDPM eq. 17)
   diffusion.max_beta = 0.999  # cosine schedule clipping (improved DDPM sec. 3.2)
+  # SR models: noise-conditioning augmentation of low_res at training, s ~ U[0, aug_max)
+  # (jaxddpm.diffusion.superres; CDM sec. 4.3). 0: a clean low-res input (SR3).
+  diffusion.aug_max = 0.0
 
   config.optim = optim = ml_collections.ConfigDict()
   optim.lr = 2e-4
@@ -104,6 +111,7 @@ def get_config():
   sampling.num_samples = 64
   sampling.batch_size = 64
   sampling.guidance_scale = 0.0
+  sampling.aug_level = 0.0  # SR models: the augmentation level s of the low-res input
   # Cheap sampler for the grids written during training.
   sampling.train_grid_sampler = 'ddim'
   sampling.train_grid_steps = 50

@@ -3,11 +3,13 @@
   python run_train.py --config=configs/digits_distill.py \
       --config.distill.teacher=runs/digits --workdir=runs/digits_pd
 
-Rounds 32 -> 16 -> ... -> 1 steps (6 rounds), each 400 Adam updates with the learning rate
+Rounds 32 -> 16 -> ... -> 1 steps (6 rounds), each 1000 Adam updates with the learning rate
 annealed linearly to 0, the previous student as the next teacher; a v-parameterised student
 with truncated-SNR weighting (PD sec. 4). The first teacher takes 64 DDIM steps on a grid of
-64 of its 1000 timesteps, which keeps the whole distillation within about an hour on a
-2-core CPU; start higher with --config.distill.start_steps=128 or 256.
+64 of its 1000 timesteps, which keeps the whole distillation near an hour and a quarter on
+a 2-core CPU; start higher with --config.distill.start_steps=128 or 256. With 400 updates a
+round the 4-step student reached 1.41x the teacher's DDPM-200 digits FID, with 1000 see the
+README.
 """
 
 import ml_collections
@@ -36,12 +38,12 @@ def get_config():
 
   config.training = base.training
   config.training.batch_size = 64
-  config.training.num_train_steps = 400  # updates per round
+  config.training.num_train_steps = 1000  # updates per round
   config.training.steps_per_call = 1
   config.training.log_every = 50
-  config.training.checkpoint_every = 200
+  config.training.checkpoint_every = 250
   config.training.keep_checkpoints = 2
-  config.training.sample_every = 400
+  config.training.sample_every = 1000
   config.training.eval_every = 0
   config.training.num_sample_grid = 64
 

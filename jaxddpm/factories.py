@@ -12,6 +12,7 @@ import flax.linen as nn
 from jaxddpm import config_utils
 from jaxddpm import diffusion
 from jaxddpm import distillation
+from jaxddpm.diffusion import superres
 from jaxddpm import models
 from jaxddpm import objectives
 from jaxddpm import schedules
@@ -71,7 +72,13 @@ def _unet_config(config) -> models.UNetConfig:
       dtype=m.dtype,
       remat=m.remat,
       ignore_cond_keys=tuple(m.get('ignore_cond_keys', ())),
+      low_res_size=low_res_size(config),
   )
+
+
+def low_res_size(config) -> int:
+  """config.data.low_res_size: 0, or the side of a super-resolution model's input."""
+  return int(config.data.get('low_res_size', 0))
 
 
 # One builder per registered model name: config.model (+ data, diffusion) -> its typed config.
@@ -113,7 +120,9 @@ def objective(config, model: nn.Module, schedule: schedules.Schedule):
   loss_fn = objectives.denoising_objective(
       apply_fn, schedule, **diffusion_types(config),
       weighting=d.get('weighting', 'uniform'), min_snr_gamma=float(d.get('min_snr_gamma', 5.0)),
-      timestep_sampler=sampler, cond_spec=model.config.cond_spec())
+      timestep_sampler=sampler, cond_spec=model.config.cond_spec(),
+      cond_transform=(superres.train_augmentation(float(d.get('aug_max', 0.0)))
+                      if low_res_size(config) else None))
   return loss_fn, sampler
 
 

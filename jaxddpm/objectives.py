@@ -233,7 +233,9 @@ def denoising_objective(apply_fn: ApplyFn, schedule: Schedule, *, model_mean_typ
                         model_var_type: str, loss_type: str, weighting: str = 'uniform',
                         min_snr_gamma: float = 5.0,
                         timestep_sampler: Optional[timesteps.TimestepSampler] = None,
-                        cond_spec: Optional[conditioning.Spec] = None) -> LossFn:
+                        cond_spec: Optional[conditioning.Spec] = None,
+                        cond_transform: Optional[Callable[[dict, jax.Array], dict]] = None
+                        ) -> LossFn:
   """The denoising loss of DDPM / improved DDPM with the eps, x0 or v target and a weighting.
 
   Per example (`training_losses`, x_t = q_sample(x, t, eps)):
@@ -251,7 +253,8 @@ def denoising_objective(apply_fn: ApplyFn, schedule: Schedule, *, model_mean_typ
   timestep_sampler.sample(t_key, ...), eps = normal(noise_key, x.shape, float32), dropout_key
   goes to apply_fn. Conditioning dropout (classifier-free guidance training) draws from
   fold_in(key, 3): `conditioning.drop(batch['cond'], cond_spec, ...)` nulls each key with its
-  kind's rate.
+  kind's rate. Then cond_transform (e.g. the super-resolution input's noise-conditioning
+  augmentation, `jaxddpm.diffusion.superres.train_augmentation`) draws from fold_in(key, 4).
 
   Args:
     apply_fn: apply_fn(params, x_t, t, cond, key) -> output, the network in training mode;
@@ -265,6 +268,7 @@ def denoising_objective(apply_fn: ApplyFn, schedule: Schedule, *, model_mean_typ
     timestep_sampler: a `timesteps.TimestepSampler`; None is `timesteps.uniform_timesteps(T)`.
     cond_spec: the network's conditioning spec (`conditioning`, e.g. the U-Net config's
       `cond_spec()`); its kinds' dropout rates apply to batch['cond']. None: no dropout.
+    cond_transform: cond_transform(cond, key) -> cond, applied after the dropout; None: none.
 
   Returns:
     loss_fn(params, batch, key, timestep_state=None) -> (loss, metrics), pure and jit-able.
@@ -292,6 +296,8 @@ def denoising_objective(apply_fn: ApplyFn, schedule: Schedule, *, model_mean_typ
     cond = batch.get('cond', {})
     if cond_spec is not None:
       cond = conditioning.drop(cond, cond_spec, jax.random.fold_in(key, 3))
+    if cond_transform is not None:
+      cond = cond_transform(cond, jax.random.fold_in(key, 4))
 
     def model_fn(x_t, timesteps, c):
       return apply_fn(params, x_t, timesteps, c, dropout_key)

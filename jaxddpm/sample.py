@@ -37,6 +37,7 @@ from jaxddpm import runs
 from jaxddpm import runtime
 from jaxddpm import sample_io
 from jaxddpm import solvers
+from jaxddpm.diffusion import superres
 from jaxddpm.sample_io import SampleError
 
 
@@ -173,11 +174,15 @@ def generate(config, params, *, num_samples: int, solver: str | None = None,
              class_label: int | None = None, guidance_scale: float | None = None,
              batch_size: int | None = None, key: jax.Array | None = None,
              progress: bool = False, mesh=None, sampler: str | None = None,
-             solver_options: dict | None = None) -> dict[str, Any]:
+             solver_options: dict | None = None, low_res=None,
+             aug_level: float | None = None) -> dict[str, Any]:
   """Samples of the network `config` describes with `params` (no workdir needed).
 
   Arguments as `sample_run`'s (None: config.sampling's); `key`, when given, replaces
-  key(seed) as the base key (batch b draws from fold_in(key, b)). Returns dict(images uint8
+  key(seed) as the base key (batch b draws from fold_in(key, b)). A super-resolution model
+  (config.data.low_res_size > 0) takes low_res, uint8 [num_samples, h, w, C] (sample i
+  upscales low_res[i]), noised to aug_level (default config.sampling.aug_level;
+  `jaxddpm.diffusion.superres`) from fold_in(fold_in(key, b), 2). Returns dict(images uint8
   [N, H, W, C], samples float32 [N, H, W, C] in [-1, 1] (unclipped), labels [N] or None,
   nfe: the model evaluations per sample). All processes must call it (the parameters may be
   global arrays).
@@ -188,6 +193,7 @@ def generate(config, params, *, num_samples: int, solver: str | None = None,
                   batch_size=batch_size, seed=seed, class_label=class_label,
                   guidance_scale=guidance_scale, mesh_size=mesh.size)
   opts['key'] = key
+  opts.update(sample_io.low_res_inputs(config, low_res, aug_level, opts['num_samples']))
   return _sample(config, params, opts, step=None, inpainting=None, inpaint_resample=1,
                  inpaint_jump_length=10, progress=progress, mesh=mesh)
 
@@ -286,6 +292,7 @@ def sample_run(workdir: str, *, solver: str | None = None, steps: int | None = N
                   solver_options=solver_options, num_samples=num_samples,
                   batch_size=batch_size, seed=seed, class_label=class_label,
                   guidance_scale=guidance_scale, mesh_size=mesh.size)
+  opts.update(sample_io.low_res_inputs(config, None, None, opts['num_samples']))
   repaint = dict(inpaint_resample=inpaint_resample, inpaint_jump_length=inpaint_jump_length)
   inpainting = _inpainting_inputs(config, opts['settings'], inpaint_image, inpaint_mask,
                                   **repaint)
@@ -332,11 +339,15 @@ def _plan(config, opts, inpainting, resample: int, jump_length: int) -> solvers.
 
 
 def _init_fn(plan: solvers.Plan, opts, num_classes: int, shape):
-  """init(key, label_key) -> the state of one batch: x_T and the labels."""
+  """init(key, label_key, given) -> the state of one batch: x_T, the labels, and the
+  given conditioning (a super-resolution model's low_res, noised to opts['aug_level'])."""
   batch = shape[0]
 
-  def init(key, label_key):
+  def init(key, label_key, given):
     cond = {}
+    if 'low_res' in given:
+      low_res = {'low_res': given['low_res'].astype(jnp.float32) / 127.5 - 1.0}
+      cond.update(superres.augment(low_res, opts['aug_level'], jax.random.fold_in(key, 2)))
     if num_classes:
       if opts['class_label'] is not None:
         cond['label'] = jnp.full((batch,), opts['class_label'], jnp.int32)
@@ -369,7 +380,8 @@ def _sample(config, params, opts, *, step, inpainting, inpaint_resample, inpaint
                         rep)
   init = _init_fn(plan, opts, num_classes, (opts['batch_size'], size, size, channels))
   base_key = opts['key'] if opts.get('key') is not None else jax.random.key(opts['seed'])
-  abstract = jax.eval_shape(init, base_key, base_key)
+  given = functools.partial(_given, opts)
+  abstract = jax.eval_shape(init, base_key, base_key, given(0))
   init_jit = jax.jit(init, out_shardings=_state_shardings(abstract, mesh))
   leaves, treedef = jax.tree.flatten(abstract)
   run_chunk = _compiled_run_chunk(mesh, treedef, tuple(a.ndim for a in leaves))
@@ -379,7 +391,7 @@ def _sample(config, params, opts, *, step, inpainting, inpaint_resample, inpaint
   outputs, labels = [], []
   for b in range(num_batches):
     key = jax.random.fold_in(base_key, b)
-    state = init_jit(key, jax.random.fold_in(key, 1))
+    state = init_jit(key, jax.random.fold_in(key, 1), given(b))
     if num_classes:
       labels.append(parallel.fetch(state.cond['label']))
     for start in plan.chunk_starts:
@@ -393,6 +405,16 @@ def _sample(config, params, opts, *, step, inpainting, inpaint_resample, inpaint
   result = _result(outputs, labels, opts['num_samples'], step, inpainting)
   result['nfe'] = opts['settings']['nfe']
   return result
+
+
+def _given(opts, b: int) -> dict[str, np.ndarray]:
+  """Batch b's share of the inputs given per sample: {'low_res': uint8 [B, h, w, C]} (the
+  last batch padded by repeating its last input), or {}."""
+  if opts.get('low_res') is None:
+    return {}
+  size = opts['batch_size']
+  rows = np.minimum(np.arange(b * size, (b + 1) * size), len(opts['low_res']) - 1)
+  return {'low_res': opts['low_res'][rows]}
 
 
 def _result(outputs, labels, n: int, step, inpainting) -> dict[str, Any]:

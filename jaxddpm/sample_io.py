@@ -24,14 +24,16 @@ from jaxddpm import images as images_lib
 
 GRID_SIZE = 64
 # What `write_outputs` (and run_sample.py's metrics.json) put in an output dir.
-OUTPUT_NAMES = ('samples.npz', 'grid.png', 'images', 'psnr.json', 'metrics.json')
+OUTPUT_NAMES = ('samples.npz', 'grid.png', 'images', 'psnr.json', 'metrics.json',
+                'comparison.png', 'stage_0')
 
 
 class SampleError(ValueError):
   """Bad input to sampling (the message says what and why)."""
 
 
-def _load_image(path: str, mode: str) -> np.ndarray:
+def load_image(path: str, mode: str) -> np.ndarray:
+  """An image file as uint8 [H, W] ('L') or [H, W, 3] ('RGB'); SampleError if unreadable."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
     raise SampleError(f'no such file: {path!r}')
@@ -51,8 +53,8 @@ def load_inpainting_inputs(image_path: str, mask_path: str, image_size: int,
   """
   if bool(image_path) != bool(mask_path):
     raise SampleError('inpainting needs both --inpaint_image and --inpaint_mask')
-  image = _load_image(image_path, 'L' if channels == 1 else 'RGB')
-  mask = _load_image(mask_path, 'L')
+  image = load_image(image_path, 'L' if channels == 1 else 'RGB')
+  mask = load_image(mask_path, 'L')
   if image.shape[:2] != mask.shape[:2]:
     raise SampleError(f'mask size {mask.shape[1]}x{mask.shape[0]} does not match the image '
                       f'size {image.shape[1]}x{image.shape[0]}')
@@ -64,6 +66,35 @@ def load_inpainting_inputs(image_path: str, mask_path: str, image_size: int,
   if mask.min() == 1.0:
     raise SampleError('the mask keeps every pixel (white = keep); nothing to inpaint')
   return image, mask
+
+def low_res_inputs(config, low_res, aug_level: float | None, num_samples: int
+                   ) -> dict[str, Any]:
+  """{'low_res': uint8 [N, h, w, C] or None, 'aug_level': float}, checked against the
+  model: a super-resolution model (config.data.low_res_size > 0) needs one low-res image per
+  sample, of its input size and channels; any other model takes none."""
+  size, channels = int(config.data.get('low_res_size', 0)), int(config.data.channels)
+  level = float(aug_level if aug_level is not None else config.sampling.get('aug_level', 0.0))
+  if not size:
+    if low_res is not None:
+      raise SampleError('low-res inputs given, but this run is not a super-resolution model '
+                        '(config.data.low_res_size = 0)')
+    return {'low_res': None, 'aug_level': 0.0}
+  if low_res is None:
+    raise SampleError(f'this run is a {size}x{size} -> {config.data.image_size}x'
+                      f'{config.data.image_size} super-resolution model: give it low-res '
+                      'images (run_sample.py --sr_workdir=RUN --low_res_images=DIR, or a base '
+                      'run: --workdir=BASE --sr_workdir=RUN)')
+  low_res = np.asarray(low_res)
+  expected = (size, size, channels)
+  if low_res.ndim != 4 or low_res.shape[1:] != expected or low_res.dtype != np.uint8:
+    raise SampleError(f'low-res inputs are {low_res.dtype} {low_res.shape[1:]}; the '
+                      f'super-resolution model takes uint8 {size}x{size}x{channels} images')
+  if len(low_res) != num_samples:
+    raise SampleError(f'{len(low_res)} low-res inputs for {num_samples} samples')
+  if not 0.0 <= level <= 1.0:
+    raise SampleError(f'aug_level = {level} must be in [0, 1]')
+  return {'low_res': low_res, 'aug_level': level}
+
 
 # The solver options in an output folder's name (`factories.SOLVER_OPTIONS`; eta above).
 _OPTION_TAGS = (('spacing', ''), ('order', 'order'), ('s_churn', 'churn'), ('s_tmin', 'tmin'),

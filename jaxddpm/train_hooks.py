@@ -19,6 +19,7 @@ from jaxddpm import parallel
 from jaxddpm import sample
 from jaxddpm import schedules
 from jaxddpm import train_state
+from jaxddpm.evaluation import superres as sr_eval
 
 
 def crossed(before: int, after: int, every: int) -> bool:
@@ -34,11 +35,15 @@ def sample_grid(config, params, mesh) -> np.ndarray:
   processes must call it (the parameters are global arrays).
   """
   num = int(config.training.num_sample_grid)
+  low_res = None
+  if int(config.data.get('low_res_size', 0)):  # upscale the first held-out low-res inputs
+    low_res = sr_eval.held_out_pairs(config, num)[1]
+    num = len(low_res)
   return sample.generate(
       config, params, num_samples=num, batch_size=num,
       sampler=config.sampling.train_grid_sampler,
       steps=min(int(config.sampling.train_grid_steps), int(config.diffusion.num_timesteps)),
-      mesh=mesh)['samples']
+      mesh=mesh, low_res=low_res)['samples']
 
 
 def evaluate(config, model, schedule: schedules.Schedule, state: train_state.TrainState, mesh,
@@ -48,10 +53,10 @@ def evaluate(config, model, schedule: schedules.Schedule, state: train_state.Tra
   `sample.generate`. Returns {name: value}, logged as 'eval/<name>'. All processes call it."""
   params = state.ema_params
 
-  def sample_fn(num_samples, key):
+  def sample_fn(num_samples, key, low_res=None):
     # config.sampling's solver, through the package's one sampling loop.
     return sample.generate(config, params, num_samples=num_samples, key=key,
-                           mesh=mesh)['samples']
+                           mesh=mesh, low_res=low_res)['samples']
 
   return evaluation.training_metrics(config, model, schedule, params, mesh,
                                      step=int(jax.device_get(state.step)),

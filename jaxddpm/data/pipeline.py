@@ -98,7 +98,7 @@ class Pipeline:
   def __init__(self, source, *, global_batch_size: int, seed: int,
                random_flip: bool = False, with_labels: bool = False,
                process_index: int = 0, process_count: int = 1,
-               num_workers: int = 0):
+               num_workers: int = 0, low_res_size: int = 0):
     if global_batch_size % process_count:
       raise DatasetError(
           f'Global batch {global_batch_size} is not divisible by {process_count} processes.')
@@ -110,6 +110,7 @@ class Pipeline:
     self.seed = int(seed)
     self.random_flip = random_flip
     self.with_labels = with_labels
+    self.low_res_size = int(low_res_size)
     self.process_index = process_index
     self.process_count = process_count
     self.num_workers = default_num_workers() if num_workers < 0 else int(num_workers)
@@ -117,6 +118,8 @@ class Pipeline:
     if random_flip:
       stream = stream.random_map(transforms.RandomFlip(),
                                  seed=(self.seed + _FLIP_SEED_TAG) % 2**32)
+    if self.low_res_size:  # after the flips: the pair is of the flipped image
+      stream = stream.map(transforms.LowRes(self.low_res_size))
     local = stream.batch(self.local_batch_size, drop_remainder=True)
     # Local batch k holds rows [(k % P) * L, (k % P + 1) * L) of global batch k // P.
     self._batches = local[process_index::process_count]
@@ -231,7 +234,8 @@ def create_train_pipeline(config, *, process_index: int = 0,
       with_labels=num_classes > 0,
       process_index=process_index,
       process_count=process_count,
-      num_workers=int(config.data.get('num_workers', -1)))
+      num_workers=int(config.data.get('num_workers', -1)),
+      low_res_size=int(config.data.get('low_res_size', 0)))
 
 
 def eval_batches(config, *, batch_size: int, num_examples: int | None = None,
@@ -239,14 +243,18 @@ def eval_batches(config, *, batch_size: int, num_examples: int | None = None,
   """The first `num_examples` examples of the eval split in the source's order, no flips.
 
   Yields {'x': float32 [b, S, S, C] in [-1, 1], 'cond': {'label': int32 [b]}} ({} without
-  labels), b <= batch_size (the last batch may be short). Not sharded across processes;
+  labels; with 'low_res' [b, s, s, C] for super-resolution configs), b <= batch_size (the last batch may be short). Not sharded across processes;
   decoded by Grain's reading threads in this process.
   """
   num_classes = int(config.model.num_classes)
   source = sources.create_source(config.data, split=split or config.data.eval_split,
                                  num_classes=num_classes)
   n = len(source) if num_examples is None else min(num_examples, len(source))
-  dataset = examples(grain.MapDataset.source(source)[:n], source).batch(batch_size)
+  dataset = examples(grain.MapDataset.source(source)[:n], source)
+  low_res_size = int(config.data.get('low_res_size', 0))
+  if low_res_size:
+    dataset = dataset.map(transforms.LowRes(low_res_size))
+  dataset = dataset.batch(batch_size)
   for batch in _read(dataset, num_workers=0, prefetch=4):
     yield transforms.to_model_batch(batch, num_classes > 0)
 

@@ -7,6 +7,8 @@
     bilinearly resized to `data.image_size`; the last 297 images are the
     'test' split, the first 1500 'train'. Labels are the digit. Records are
     ready examples {'x': float32 [S, S, 1], 'label'}; no transformations.
+  * `photos`: the photographs bundled with scikit-image and scikit-learn, random crops
+    for 'train' and tiles of three held-out photographs for 'test' (`jaxddpm.data.photos`).
   * `folder`: PNG/JPEG files under `data.data_dir` (recursive, sorted). Records
     are {'image': the file's bytes, 'label'}; decoded, center-cropped to a
     square and resized with PIL (antialiased bicubic). With `model.num_classes > 0`
@@ -37,6 +39,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from jaxddpm.data import photos
 from jaxddpm.data import transforms
 from jaxddpm.data.transforms import DatasetError
 
@@ -244,6 +247,8 @@ def create_source(data_config, *, split: str, num_classes: int = 0):
   with_labels = num_classes > 0
   if name == 'digits':
     return digits_source(split, size, channels)
+  if name == 'photos':
+    return photos.photos_source(split, size, channels, int(data_config.get('photo_size', 128)))
   if name in ('folder', 'array_record'):
     source_class = FolderSource if name == 'folder' else ArrayRecordSource
     return source_class(data_config.data_dir, size, channels,

@@ -8,7 +8,8 @@ in-memory sets. Grain applies, in its worker processes:
     array only has its channels matched;
   * `CenterCropResize`: uint8 [H, W, C] -> uint8 [S, S, C], central square, antialiased
     bicubic resize;
-  * `RandomFlip`: a left-right mirror with probability 1/2, seeded per element.
+  * `RandomFlip`: a left-right mirror with probability 1/2, seeded per element;
+  * `LowRes`: a super-resolution pair, {'x', 'low_res'} with low_res = `bicubic_resize(x)`.
 
 Images stay uint8 until the batch reaches the main process (a quarter of float32's bytes
 through Grain's shared memory); `to_model_batch` converts them there to float32 [-1, 1].
@@ -129,11 +130,50 @@ class RandomFlip(grain.transforms.RandomMap):
     return element
 
 
+def bicubic_resize(image: np.ndarray, size: int) -> np.ndarray:
+  """[H, W, C] uint8 or float32 -> [size, size, C] of the same dtype: PIL's bicubic resize
+  (Keys' kernel, a = -0.5), whose filter support widens by the reduction factor when it
+  shrinks, i.e. an antialiased downsampling: the low-res image of a super-resolution pair,
+  and (growing) the bicubic baseline the SR metrics compare with. uint8 stays 8-bit, as a saved low-res image
+  is; float32 (the in-memory sets) is resized per channel in PIL's 'F' mode."""
+  if image.shape[0] == size and image.shape[1] == size:
+    return image
+  if image.dtype == np.uint8:
+    if image.shape[-1] in (1, 3):
+      pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+      out = np.asarray(pil.resize((size, size), Image.BICUBIC))
+      return out.reshape(size, size, image.shape[-1])
+  channels = [np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], np.float32),
+                                         mode='F').resize((size, size), Image.BICUBIC))
+              for c in range(image.shape[-1])]
+  out = np.stack(channels, axis=-1)
+  if image.dtype == np.uint8:
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+  return out.astype(image.dtype)
+
+
+class LowRes(grain.transforms.Map):
+  """{'x': [S, S, C]} -> the same with 'low_res': `bicubic_resize(x, size)` [s, s, C]."""
+
+  def __init__(self, size: int):
+    self.size = size
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    return dict(element, low_res=bicubic_resize(element['x'], self.size))
+
+
+def _to_float(images: np.ndarray) -> np.ndarray:
+  if images.dtype == np.uint8:
+    return uint8_to_float(images)
+  return np.ascontiguousarray(images, np.float32)
+
+
 def to_model_batch(batch: dict[str, np.ndarray], with_labels: bool) -> dict[str, Any]:
   """A Grain batch {'x': uint8 or float32 [B, S, S, C], 'label': [B]} -> the model's layout
   {'x': float32 [B, S, S, C] in [-1, 1], 'cond': {'label': int32 [B]}} (cond {} without
-  labels). uint8 images become x / 127.5 - 1 here, in the main process."""
-  x = batch['x']
-  x = uint8_to_float(x) if x.dtype == np.uint8 else np.ascontiguousarray(x, np.float32)
+  labels). uint8 images become x / 127.5 - 1 here, in the main process. A batch with
+  'low_res' [B, s, s, C] (super-resolution pairs) gives cond['low_res'], in [-1, 1] too."""
   cond = {'label': np.asarray(batch['label'], np.int32)} if with_labels else {}
-  return {'x': x, 'cond': cond}
+  if 'low_res' in batch:
+    cond['low_res'] = _to_float(batch['low_res'])
+  return {'x': _to_float(batch['x']), 'cond': cond}

@@ -12,11 +12,13 @@ import jax
 import numpy as np
 
 from jaxddpm import factories
+from jaxddpm import images as images_lib
 from jaxddpm import models
 from jaxddpm import parallel
 from jaxddpm import runs
 from jaxddpm.evaluation import bpd as bpd_lib
 from jaxddpm.evaluation import features
+from jaxddpm.evaluation import superres as sr_eval
 
 
 def scalars(metrics):
@@ -34,14 +36,18 @@ def training_metrics(config, model, schedule, params, mesh, *, step, sample_fn, 
   - bits/dim on the first config.eval.bpd_num_examples held-out images;
   - FID / IS / KID of config.eval.num_samples samples against the training set:
     the digits classifier for digits, Inception when config.eval.inception_weights
-    is set (otherwise skipped).
+    is set (otherwise skipped);
+  - for a super-resolution config instead: `superres.sr_metrics` (PSNR, SSIM, consistency,
+    high-frequency share, and bicubic's) of one sample for each of the first
+    config.eval.num_samples held-out low-res images (0: all).
 
   Args:
     config, model, schedule, params: the run's; `params` for bits/dim.
     mesh: devices for bits/dim and Inception.
     step: the training step; the PRNG keys of this evaluation derive from it.
-    sample_fn: sample_fn(num_samples, key) -> images [N, H, W, C] (float in [-1, 1]
-      or uint8) from `params`; the training loop's hook builds it from its sampler.
+    sample_fn: sample_fn(num_samples, key, low_res=None) -> images [N, H, W, C] (float in
+      [-1, 1] or uint8) from `params`, low_res uint8 [N, h, w, C] for a super-resolution
+      model; the training loop's hook builds it from its sampler.
     workdir: where the digits classifier and reference statistics are cached
       (workdir/eval); None: not cached.
 
@@ -56,6 +62,11 @@ def training_metrics(config, model, schedule, params, mesh, *, step, sample_fn, 
                                         num_examples=int(config.eval.bpd_num_examples),
                                         mesh=mesh)
     out.update({k: bpd[k] for k in _BPD_LOG_KEYS})
+  if int(config.data.get('low_res_size', 0)):
+    high, low = sr_eval.held_out_pairs(config, int(config.eval.num_samples) or None)
+    samples = images_lib.to_uint8(sample_fn(len(low), sample_key, low_res=low))
+    out.update(sr_eval.sr_metrics(samples, high, low))
+    return out
   num_samples = int(config.eval.num_samples)
   extractor = features.extractor_from_config(config, workdir=workdir, mesh=mesh, required=False)
   if num_samples > 1 and extractor is not None:

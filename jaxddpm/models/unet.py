@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxddpm.diffusion import superres
 from jaxddpm.models import conditioning
 from jaxddpm.models import layers
 
@@ -40,6 +41,12 @@ class UNetConfig:
       through `cond_spec()` and `conditioning.drop`.
     ignore_cond_keys: conditioning keys the network accepts and ignores (e.g.
       a shared data pipeline's keys); any other key it was not built for is an error.
+    low_res_size: 0, or a super-resolution model (SR3 sec. 2.1): cond['low_res']
+      [B, low_res_size, low_res_size, in_channels] is upsampled bilinearly to x's size and
+      concatenated to x_t on the channel axis, and cond['aug_level'] [B] (the
+      noise-conditioning augmentation level s in [0, 1], `jaxddpm.diffusion.superres`;
+      0 when absent) is embedded like the timestep (of 1000 s) and added to the time
+      embedding (CDM sec. 4.3).
     num_heads: attention heads (1 in DDPM).
     num_head_channels: if > 0, heads = channels // num_head_channels instead.
     resblock_updown: BigGAN-style ResBlocks for up/downsampling.
@@ -73,6 +80,7 @@ class UNetConfig:
   dtype: str = 'float32'
   remat: bool = False
   ignore_cond_keys: Sequence[str] = ()
+  low_res_size: int = 0
 
   def __post_init__(self):
     # ConfigDicts read back from JSON hold lists; tuples keep the config hashable.
@@ -86,16 +94,25 @@ class UNetConfig:
       if c % self.norm_groups:
         raise ValueError(f'{c} channels do not split into norm_groups={self.norm_groups} groups')
 
-  def cond_spec(self) -> dict[str, conditioning.Label]:
-    """The conditioning keys the network reads: {'label'} for a class-conditional model."""
+  def cond_spec(self) -> dict[str, conditioning.Kind]:
+    """The conditioning keys the network reads: {'label'} for a class-conditional model;
+    'low_res' and 'aug_level' for a super-resolution model (kept in guidance's null half)."""
+    spec = {}
     if self.num_classes > 0:
-      return {'label': conditioning.Label(self.num_classes, dropout=self.class_dropout)}
-    return {}
+      spec['label'] = conditioning.Label(self.num_classes, dropout=self.class_dropout)
+    if self.low_res_size > 0:
+      spec['low_res'] = conditioning.Fill(guided=False)
+      spec['aug_level'] = conditioning.Fill(guided=False)
+    return spec
 
   def example_inputs(self, batch: int = 1):
     """(x, t, cond) of the right shapes and dtypes (for init and shape inference)."""
     x = jnp.zeros((batch, self.image_size, self.image_size, self.in_channels), jnp.float32)
     cond = {'label': jnp.zeros((batch,), jnp.int32)} if self.num_classes > 0 else {}
+    if self.low_res_size > 0:
+      size = self.low_res_size
+      cond['low_res'] = jnp.zeros((batch, size, size, self.in_channels), jnp.float32)
+      cond['aug_level'] = jnp.zeros((batch,), jnp.float32)
     return x, jnp.zeros((batch,), jnp.int32), cond
 
 
@@ -107,7 +124,9 @@ class UNet(nn.Module):
     t: [B] timesteps (int or float).
     cond: the conditioning pytree (`jaxddpm.models.conditioning`): {} or None when
       unconditional; {'label': [B] int in [0, num_classes]} (num_classes = null
-      class) for num_classes > 0, where a missing label means the null class.
+      class) for num_classes > 0, where a missing label means the null class;
+      {'low_res': [B, h, w, C], 'aug_level': [B]} for a super-resolution model
+      (`UNetConfig.low_res_size`; low_res is required, aug_level defaults to 0).
       A key outside `cond_spec()` and `ignore_cond_keys` is a ValueError.
   Returns: [B, H, W, out_channels] float32.
   """
@@ -152,6 +171,10 @@ class UNet(nn.Module):
         y = jnp.full(x.shape[:1], cfg.num_classes, jnp.int32)
       temb = temb + nn.Embed(cfg.num_classes + 1, 4 * cfg.ch, dtype=dtype, param_dtype=jnp.float32,
                              name='class_embed')(y)
+    if cfg.low_res_size > 0:
+      x, aug_emb = self._super_res_inputs(x, cond)
+      aug_emb = dense(4 * cfg.ch, 'aug_dense1')(nn.swish(dense(4 * cfg.ch, 'aug_dense0')(aug_emb)))
+      temb = temb + aug_emb
 
     # Downsampling path; every intermediate output is kept for the skips.
     hs = [layers.conv(cfg.ch, 'conv_in', dtype=dtype)(x.astype(dtype))]
@@ -191,3 +214,20 @@ class UNet(nn.Module):
     h = nn.swish(layers.group_norm(cfg.norm_groups, cfg.norm_eps, dtype, 'norm_out')(h))
     h = layers.conv(cfg.out_channels, 'conv_out', init_scale=0.0, dtype=dtype)(h)
     return h.astype(jnp.float32)
+
+  def _super_res_inputs(self, x, cond):
+    """([x_t, upsampled low_res] on channels, the sinusoidal embedding of 1000 s)."""
+    cfg = self.config
+    low_res = cond.get('low_res')
+    expected = (x.shape[0], cfg.low_res_size, cfg.low_res_size, cfg.in_channels)
+    if low_res is None or tuple(low_res.shape) != expected:
+      got = 'none' if low_res is None else tuple(low_res.shape)
+      raise ValueError(f"a super-resolution U-Net needs cond['low_res'] of shape {expected}, "
+                       f'got {got}')
+    s = cond.get('aug_level')
+    s = jnp.zeros(x.shape[:1], jnp.float32) if s is None else jnp.broadcast_to(s, x.shape[:1])
+    up = superres.upsample(low_res.astype(jnp.float32), x.shape[1:3])
+    # 1000 s spreads [0, 1] over the embedding's frequencies as the timesteps [0, 1000) do.
+    emb = layers.timestep_embedding(1000.0 * s, cfg.ch, flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                    freq_shift=cfg.freq_shift)
+    return jnp.concatenate([x, up.astype(x.dtype)], axis=-1), emb
