@@ -25,8 +25,9 @@ def get_config():
   config.data.random_flip = True
   config.data.eval_split = 'test'
 
-  config.model.ch = 32
-  config.model.ch_mult = (1, 2, 2, 2)
+  # Thin at 64x64 (16 channels), wider below: 3x fewer FLOPs than 32 channels throughout.
+  config.model.ch = 16
+  config.model.ch_mult = (1, 2, 4, 4)
   config.model.num_res_blocks = 1
   config.model.attn_resolutions = (8,)
   config.model.dropout = 0.0
@@ -40,11 +41,11 @@ def get_config():
   config.optim.ema_decay = 0.995
 
   config.training.batch_size = 16
-  config.training.num_train_steps = 3000
+  config.training.num_train_steps = 2000
   config.training.log_every = 100
-  config.training.checkpoint_every = 1000
+  config.training.checkpoint_every = 500
   config.training.sample_every = 1000
-  config.training.eval_every = 0
+  config.training.eval_every = 1000
   config.training.num_sample_grid = 18
 
   config.sampling.solver = 'ddim'

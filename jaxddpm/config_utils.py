@@ -148,6 +148,8 @@ def _validate_diffusion(d):
       _fail(f'{p}.weighting', d.weighting, "weights the MSE term, and loss_type 'kl' has none")
   if 'min_snr_gamma' in d:
     _number(d, 'min_snr_gamma', p, 0.0, float('inf'), low_open=True, high_open=True)
+  if 'aug_max' in d:
+    _number(d, 'aug_max', p, 0.0, 1.0)
   if {'beta_schedule', 'num_timesteps', 'beta_start', 'beta_end'} <= set(d.keys()):
     _check_betas(d, p)
   return num_timesteps
@@ -161,6 +163,16 @@ def _validate_data(d):
     _choice(d, 'channels', p, CHANNELS)
   if 'num_workers' in d:
     _int(d, 'num_workers', p, -1)  # -1: a default for the machine
+  if 'low_res_size' in d:
+    low = _int(d, 'low_res_size', p, 0)
+    if low and 'image_size' in d and low >= d.image_size:
+      _fail(f'{p}.low_res_size', low, f'must be below data.image_size = {d.image_size} (the '
+            'output size of a super-resolution model; 0: not one)')
+  if 'photo_size' in d:
+    size = _int(d, 'photo_size', p, 1)
+    if d.get('dataset') == 'photos' and 'image_size' in d and d.image_size > size:
+      _fail(f'{p}.photo_size', size, f'must be >= data.image_size = {d.image_size} (photos '
+            'are cropped from photographs with this short side)')
 
 
 def _validate_model(m, data):
@@ -296,6 +308,8 @@ def _validate_sampling(s, num_timesteps, distilled: bool):
       _int(s, name, p, 1)
   if 'guidance_scale' in s:
     _number(s, 'guidance_scale', p, 0.0, float('inf'), high_open=True)
+  if 'aug_level' in s:
+    _number(s, 'aug_level', p, 0.0, 1.0)
 
 
 def validate_config(config) -> None:

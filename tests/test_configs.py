@@ -97,6 +97,10 @@ BAD_VALUES = [
     ('data.channels', 2),
     ('data.image_size', 0),
     ('data.image_size', 36),  # not divisible by 2**3 for ch_mult (1, 2, 2, 2)
+    ('data.low_res_size', 32),  # not below image_size 32
+    ('data.low_res_size', -1),
+    ('diffusion.aug_max', 1.5),
+    ('sampling.aug_level', -0.1),
     ('model.ch', 0),
     ('model.ch_mult', ()),
     ('model.ch_mult', (1, 0)),
