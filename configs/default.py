@@ -70,6 +70,8 @@ def get_config():
   # SR models: noise-conditioning augmentation of low_res at training, s ~ U[0, aug_max)
   # (jaxddpm.diffusion.superres; CDM sec. 4.3). 0: a clean low-res input (SR3).
   diffusion.aug_max = 0.0
+  # SR models: diffuse the residual x - up(low_res) instead of x (SRDiff; superres.py).
+  diffusion.sr_residual = False
 
   config.optim = optim = ml_collections.ConfigDict()
   optim.lr = 2e-4

@@ -123,7 +123,18 @@ def objective(config, model: nn.Module, schedule: schedules.Schedule):
       timestep_sampler=sampler, cond_spec=model.config.cond_spec(),
       cond_transform=(superres.train_augmentation(float(d.get('aug_max', 0.0)))
                       if low_res_size(config) else None))
+  if sr_residual(config):
+    denoise = loss_fn
+
+    def loss_fn(params, batch, key, timestep_state=None):  # pylint: disable=function-redefined
+      return denoise(params, superres.to_residual(batch), key, timestep_state)
+
   return loss_fn, sampler
+
+
+def sr_residual(config) -> bool:
+  """Whether a super-resolution run diffuses x - up(low_res) (`superres.to_residual`)."""
+  return bool(low_res_size(config)) and bool(config.diffusion.get('sr_residual', False))
 
 
 # config.sampling's solver options, and the value that leaves each unset (the solver's default).

@@ -386,6 +386,8 @@ def _sample(config, params, opts, *, step, inpainting, inpaint_resample, inpaint
   leaves, treedef = jax.tree.flatten(abstract)
   run_chunk = _compiled_run_chunk(mesh, treedef, tuple(a.ndim for a in leaves))
 
+  residual = factories.sr_residual(config)
+  to_image = jax.jit(superres.from_residual)
   num_batches = math.ceil(opts['num_samples'] / opts['batch_size'])
   bar = _progress_bar(progress, num_batches * plan.num_ops)
   outputs, labels = [], []
@@ -399,7 +401,10 @@ def _sample(config, params, opts, *, step, inpainting, inpaint_resample, inpaint
       if bar is not None:
         state.x.block_until_ready()
         bar.update(min(plan.chunk_length, plan.num_ops - start))
-    outputs.append(parallel.fetch(state.x))
+    x = state.x
+    if residual:
+      x = to_image(x, jnp.asarray(given(b)['low_res'], jnp.float32) / 127.5 - 1.0)
+    outputs.append(parallel.fetch(x))
   if bar is not None:
     bar.close()
   result = _result(outputs, labels, opts['num_samples'], step, inpainting)

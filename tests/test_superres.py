@@ -273,3 +273,46 @@ def test_tiny_sr_run_trains_grids_and_evaluates(tmp_path):
   assert len(evals) == 1 and evals[0]['step'] == 8
   for key in ('eval/sr_psnr', 'eval/bicubic_psnr', 'eval/sr_consistency', 'eval/sr_hf_gap'):
     assert np.isfinite(evals[0][key]), key
+
+
+def test_residual_target_and_its_inverse():
+  """to_residual subtracts the bilinear upsampling of the clean low-res input from x, before
+  any augmentation, and from_residual adds it back."""
+  key = jax.random.key(0)
+  x = jax.random.uniform(key, (2, 8, 8, 1), minval=-1, maxval=1)
+  low = jax.random.uniform(jax.random.key(1), (2, 4, 4, 1), minval=-1, maxval=1)
+  batch = superres.to_residual({'x': x, 'cond': {'low_res': low}})
+  np.testing.assert_allclose(batch['x'], x - superres.upsample(low, (8, 8)), atol=1e-6)
+  np.testing.assert_array_equal(batch['cond']['low_res'], low)
+  np.testing.assert_allclose(superres.from_residual(batch['x'], low), x, atol=1e-6)
+
+  config = sr_config()
+  config.diffusion.sr_residual = True
+  model = factories.create_model(config)
+  params = models.init_params(model, jax.random.key(2))
+  schedule = factories.schedule(config)
+  loss_fn, _ = factories.objective(config, model, schedule)
+  config.diffusion.sr_residual = False
+  plain_fn, _ = factories.objective(config, model, schedule)
+  raw = {'x': x, 'cond': {'low_res': low}}
+  np.testing.assert_allclose(loss_fn(params, raw, key)[0],
+                             plain_fn(params, superres.to_residual(raw), key)[0], rtol=1e-6)
+
+
+def test_residual_samples_are_the_solver_output_plus_the_upsampled_input(tmp_path,
+                                                                         make_sample_workdir):
+  from jaxddpm import parallel  # pylint: disable=g-import-not-at-top
+  from jaxddpm import runs  # pylint: disable=g-import-not-at-top
+  from jaxddpm import sample  # pylint: disable=g-import-not-at-top
+  config = sr_config()
+  config.sampling.aug_level = 0.0
+  plain, plain_params, _ = runs.load_run(make_sample_workdir(tmp_path / 'plain', config))
+  config.diffusion.sr_residual = True
+  residual, residual_params, _ = runs.load_run(make_sample_workdir(tmp_path / 'res', config))
+  low = np.random.default_rng(0).integers(0, 256, (3, 4, 4, 1), dtype=np.uint8)
+  kw = dict(num_samples=3, steps=3, solver='ddim', low_res=low, seed=0,
+            mesh=parallel.make_mesh(jax.devices()[:1]))
+  a = sample.generate(plain, plain_params, **kw)['samples']
+  b = sample.generate(residual, residual_params, **kw)['samples']
+  up = superres.upsample(jnp.asarray(low, jnp.float32) / 127.5 - 1.0, (8, 8))
+  np.testing.assert_allclose(b, a + up, atol=1e-5)

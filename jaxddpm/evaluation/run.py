@@ -57,7 +57,8 @@ def training_metrics(config, model, schedule, params, mesh, *, step, sample_fn, 
   bpd_key, sample_key = jax.random.split(key)
   model_fn = models.make_model_fn(model, params)
   out = {}
-  if int(config.eval.bpd_num_examples) > 0:
+  # bits/dim is of x; a residual SR model's variables are x - up(low_res), so it has none.
+  if int(config.eval.bpd_num_examples) > 0 and not factories.sr_residual(config):
     bpd = bpd_lib.held_out_bits_per_dim(config, model_fn, schedule, bpd_key,
                                         num_examples=int(config.eval.bpd_num_examples),
                                         mesh=mesh)
