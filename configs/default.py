@@ -72,6 +72,7 @@ def get_config():
   diffusion.aug_max = 0.0
   # SR models: diffuse the residual x - up(low_res) instead of x (SRDiff; superres.py).
   diffusion.sr_residual = False
+  diffusion.sr_residual_scale = 1.0  # the residual times this (its std near 0.5 is right)
 
   config.optim = optim = ml_collections.ConfigDict()
   optim.lr = 2e-4

@@ -150,6 +150,8 @@ def _validate_diffusion(d):
     _number(d, 'min_snr_gamma', p, 0.0, float('inf'), low_open=True, high_open=True)
   if 'aug_max' in d:
     _number(d, 'aug_max', p, 0.0, 1.0)
+  if 'sr_residual_scale' in d:
+    _number(d, 'sr_residual_scale', p, 0.0, float('inf'), low_open=True, high_open=True)
   if {'beta_schedule', 'num_timesteps', 'beta_start', 'beta_end'} <= set(d.keys()):
     _check_betas(d, p)
   return num_timesteps
@@ -171,8 +173,7 @@ def _validate_data(d):
   if 'photo_size' in d:
     size = _int(d, 'photo_size', p, 1)
     if d.get('dataset') == 'photos' and 'image_size' in d and d.image_size > size:
-      _fail(f'{p}.photo_size', size, f'must be >= data.image_size = {d.image_size} (photos '
-            'are cropped from photographs with this short side)')
+      _fail(f'{p}.photo_size', size, f'must be >= data.image_size = {d.image_size}')
 
 
 def _validate_model(m, data):

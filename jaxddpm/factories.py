@@ -124,10 +124,10 @@ def objective(config, model: nn.Module, schedule: schedules.Schedule):
       cond_transform=(superres.train_augmentation(float(d.get('aug_max', 0.0)))
                       if low_res_size(config) else None))
   if sr_residual(config):
-    denoise = loss_fn
+    denoise, scale = loss_fn, sr_residual_scale(config)
 
     def loss_fn(params, batch, key, timestep_state=None):  # pylint: disable=function-redefined
-      return denoise(params, superres.to_residual(batch), key, timestep_state)
+      return denoise(params, superres.to_residual(batch, scale), key, timestep_state)
 
   return loss_fn, sampler
 
@@ -135,6 +135,11 @@ def objective(config, model: nn.Module, schedule: schedules.Schedule):
 def sr_residual(config) -> bool:
   """Whether a super-resolution run diffuses x - up(low_res) (`superres.to_residual`)."""
   return bool(low_res_size(config)) and bool(config.diffusion.get('sr_residual', False))
+
+
+def sr_residual_scale(config) -> float:
+  """The scale c of a residual SR model's variable c (x - up(low_res))."""
+  return float(config.diffusion.get('sr_residual_scale', 1.0))
 
 
 # config.sampling's solver options, and the value that leaves each unset (the solver's default).

@@ -387,7 +387,8 @@ def _sample(config, params, opts, *, step, inpainting, inpaint_resample, inpaint
   run_chunk = _compiled_run_chunk(mesh, treedef, tuple(a.ndim for a in leaves))
 
   residual = factories.sr_residual(config)
-  to_image = jax.jit(superres.from_residual)
+  to_image = jax.jit(functools.partial(superres.from_residual,
+                                       scale=factories.sr_residual_scale(config)))
   num_batches = math.ceil(opts['num_samples'] / opts['batch_size'])
   bar = _progress_bar(progress, num_batches * plan.num_ops)
   outputs, labels = [], []

@@ -285,6 +285,9 @@ def test_residual_target_and_its_inverse():
   np.testing.assert_allclose(batch['x'], x - superres.upsample(low, (8, 8)), atol=1e-6)
   np.testing.assert_array_equal(batch['cond']['low_res'], low)
   np.testing.assert_allclose(superres.from_residual(batch['x'], low), x, atol=1e-6)
+  scaled = superres.to_residual({'x': x, 'cond': {'low_res': low}}, 3.0)['x']
+  np.testing.assert_allclose(scaled, 3.0 * batch['x'], atol=1e-6)
+  np.testing.assert_allclose(superres.from_residual(scaled, low, 3.0), x, atol=1e-6)
 
   config = sr_config()
   config.diffusion.sr_residual = True

@@ -16,9 +16,12 @@ the input is unchanged; at s = 1 it is pure noise. alpha^2 + sigma^2 = 1, so the
 is 2 log cot(pi s / 2) (the continuous cosine schedule of Nichol & Dhariwal 2021 without
 its offset). At sampling s is a fixed choice (run_sample.py --aug_level).
 
-Residual targets (`residual=True`; SRDiff, Li et al. 2022, sec. 3.2): the diffusion runs on
-r = x - up(z), the high-resolution image minus the bilinearly upsampled clean low-res input,
-and a sample is up(z) + r. The network and its conditioning stay as above; only what x_0 is
+Residual targets (SRDiff, Li et al. 2022, sec. 3.2): the diffusion runs on
+r = c (x - up(z)), the high-resolution image minus the bilinearly upsampled clean low-res
+input, times a scale c, and a sample is up(z) + r / c. The residual of 4x photographs has a
+standard deviation near 0.18 (data in [-1, 1]); c = 3 gives it about the spread of images,
+so the noise levels of the schedule keep their meaning instead of burying the signal at
+most of them. The network and its conditioning stay as above; only what x_0 is
 changes. A model that has learned little then predicts r ~ 0, i.e. the upsampled input,
 instead of noise, which lets a small model trained for minutes beat bicubic.
 
@@ -91,15 +94,15 @@ def upsample(low_res: jax.Array, size: tuple[int, int]) -> jax.Array:
   return jax.image.resize(low_res, (b, size[0], size[1], c), 'bilinear')
 
 
-def to_residual(batch: Mapping) -> dict:
-  """{'x': x, 'cond'} -> {'x': x - up(cond['low_res']), 'cond'}: the residual target.
+def to_residual(batch: Mapping, scale: float = 1.0) -> dict:
+  """{'x': x, 'cond'} -> {'x': scale (x - up(cond['low_res'])), 'cond'}: the residual target.
 
   Called on the clean low-res input, before the augmentation noises the network's copy."""
   x = jnp.asarray(batch['x'], jnp.float32)
-  return dict(batch, x=x - upsample(jnp.asarray(batch['cond']['low_res'], jnp.float32),
-                                    x.shape[1:3]))
+  up = upsample(jnp.asarray(batch['cond']['low_res'], jnp.float32), x.shape[1:3])
+  return dict(batch, x=scale * (x - up))
 
 
-def from_residual(r: jax.Array, low_res: jax.Array) -> jax.Array:
-  """A sample of the residual model back to an image: up(low_res) + r ([B, H, W, C])."""
-  return r + upsample(jnp.asarray(low_res, jnp.float32), r.shape[1:3])
+def from_residual(r: jax.Array, low_res: jax.Array, scale: float = 1.0) -> jax.Array:
+  """A sample of the residual model back to an image: up(low_res) + r / scale."""
+  return r / scale + upsample(jnp.asarray(low_res, jnp.float32), r.shape[1:3])
