@@ -156,7 +156,9 @@ def _super_resolution(sample) -> None:
   except (sample.SampleError, OSError) as e:
     _fail(e)
   if parallel.is_main_process():
-    print(f'Wrote {len(result["images"])} upscaled images to {result["output_dir"]}')
+    images = result['images']  # [N, H, W, C], or [K, N, H, W, C] for the held-out metrics
+    count = images.shape[0] * (images.shape[1] if images.ndim == 5 else 1)
+    print(f'Wrote {count} upscaled images to {result["output_dir"]}')
     if 'metrics' in result:
       print(json.dumps(result['metrics'], sort_keys=True))
 
