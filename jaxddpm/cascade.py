@@ -107,10 +107,12 @@ def evaluate_held_out(sr_workdir: str, *, samples_per_input: int = 1,
     high, low = sr_eval.held_out_pairs(config, num_examples)
   except sources.DatasetError as e:
     raise SampleError(f'cannot read the held-out split of {sr_workdir!r}: {e}') from None
-  level = kwargs.get('aug_level')
+  level, s = kwargs.get('aug_level'), config.sampling
+  solver = kwargs.get('solver') or s.solver
+  steps = kwargs.get('steps') or s.num_steps
   output_dir = output_dir or _default_dir(
-      sr_workdir, f'held_out_k{samples_per_input}_aug'
-      f'{level if level is not None else config.sampling.get("aug_level", 0.0):g}'
+      sr_workdir, f'held_out_{solver}_{steps}steps_k{samples_per_input}_aug'
+      f'{level if level is not None else s.get("aug_level", 0.0):g}'
       f'_seed{kwargs.get("seed") if kwargs.get("seed") is not None else config.seed}')
   created = _prepare(output_dir)
   try:
