@@ -21,7 +21,6 @@ Outputs (the folder must not hold outputs already, `sample_io.prepare_output_dir
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -34,6 +33,7 @@ from jaxddpm import runs
 from jaxddpm import sample
 from jaxddpm import sample_io
 from jaxddpm.data import sources
+from jaxddpm.evaluation import run as eval_run
 from jaxddpm.evaluation import superres as sr_eval
 from jaxddpm.sample_io import SampleError
 
@@ -66,20 +66,20 @@ def upscale(config, params, low_res: np.ndarray, *, samples_per_input: int = 1,
             mesh=None) -> np.ndarray:
   """K samples of the SR model for each low-res image: uint8 [K, N, H, W, C].
 
-  low_res: uint8 [N, h, w, C]. Sample k of input i starts from the noise of
-  fold_in(fold_in(key(seed), TAG + stage), k), so a stage's outputs do not depend on the others.
+  low_res: uint8 [N, h, w, C]. The K copies of the inputs are sampled as one run of K N
+  samples (one compilation) from fold_in(key(seed), TAG + stage), so a stage's outputs do
+  not depend on the others.
   """
   if samples_per_input < 1:
     raise SampleError(f'samples_per_input = {samples_per_input} must be positive')
   base = jax.random.key(int(config.seed) if seed is None else int(seed))
-  base = jax.random.fold_in(base, _STAGE_SEED_TAG + stage)
-  out = []
-  for k in range(samples_per_input):
-    out.append(sample.generate(
-        config, params, num_samples=len(low_res), solver=solver, steps=steps,
-        batch_size=batch_size, key=jax.random.fold_in(base, k), low_res=low_res,
-        aug_level=aug_level, progress=progress, mesh=mesh)['images'])
-  return np.stack(out)
+  n = len(low_res)
+  images = sample.generate(
+      config, params, num_samples=samples_per_input * n, solver=solver, steps=steps,
+      batch_size=batch_size, key=jax.random.fold_in(base, _STAGE_SEED_TAG + stage),
+      low_res=np.tile(low_res, (samples_per_input, 1, 1, 1)), aug_level=aug_level,
+      progress=progress, mesh=mesh)['images']
+  return images.reshape((samples_per_input, n) + images.shape[1:])
 
 
 def _prepare(output_dir: str) -> list[str]:
@@ -125,8 +125,7 @@ def evaluate_held_out(sr_workdir: str, *, samples_per_input: int = 1,
     np.savez(os.path.join(output_dir, 'samples.npz'), images=images, high_res=high, low_res=low)
     images_lib.save_png(sr_eval.comparison_grid(low, high, images[0]),
                         os.path.join(output_dir, 'comparison.png'))
-    with open(os.path.join(output_dir, 'metrics.json'), 'w') as f:
-      json.dump(metrics, f, indent=2, sort_keys=True)
+    eval_run.write_json(os.path.join(output_dir, 'metrics.json'), metrics)
   return dict(metrics=metrics, images=images, output_dir=output_dir)
 
 

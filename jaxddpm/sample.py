@@ -387,8 +387,6 @@ def _sample(config, params, opts, *, step, inpainting, inpaint_resample, inpaint
   run_chunk = _compiled_run_chunk(mesh, treedef, tuple(a.ndim for a in leaves))
 
   residual = factories.sr_residual(config)
-  to_image = jax.jit(functools.partial(superres.from_residual,
-                                       scale=factories.sr_residual_scale(config)))
   num_batches = math.ceil(opts['num_samples'] / opts['batch_size'])
   bar = _progress_bar(progress, num_batches * plan.num_ops)
   outputs, labels = [], []
@@ -404,7 +402,8 @@ def _sample(config, params, opts, *, step, inpainting, inpaint_resample, inpaint
         bar.update(min(plan.chunk_length, plan.num_ops - start))
     x = state.x
     if residual:
-      x = to_image(x, jnp.asarray(given(b)['low_res'], jnp.float32) / 127.5 - 1.0)
+      x = superres.from_residual(x, jnp.asarray(given(b)['low_res'], jnp.float32) / 127.5 - 1.0,
+                                 scale=factories.sr_residual_scale(config))
     outputs.append(parallel.fetch(x))
   if bar is not None:
     bar.close()
