@@ -29,7 +29,7 @@ import os
 from absl import app
 from absl import flags
 
-from jaxddpm import config_utils
+from jaxddpm import config_cli
 from jaxddpm import parallel
 from jaxddpm import solvers
 
@@ -62,6 +62,13 @@ _INPAINT_RESAMPLE = flags.DEFINE_integer(
 _INPAINT_JUMP = flags.DEFINE_integer('inpaint_jump_length', 10, 'RePaint jump length.')
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Where to write the samples.')
 _SAVE_INDIVIDUAL = flags.DEFINE_bool('save_individual', False, 'Also write one PNG per sample.')
+# --- text-to-image (jaxddpm.prompts) ---
+_PROMPT = flags.DEFINE_string('prompt', None, 'Text models: the prompt of every sample.')
+_PROMPTS_FILE = flags.DEFINE_string(
+    'prompts_file', None, 'Text models: one prompt a line; the i-th sample answers line i '
+    '(--num_samples defaults to the line count).')
+_NEGATIVE_PROMPT = flags.DEFINE_string('negative_prompt', None,
+                                       'Text models: what guidance steers away from.')
 # --- super-resolution (jaxddpm.cascade) ---
 _SR_WORKDIR = flags.DEFINE_multi_string(
     'sr_workdir', [], 'Super-resolution run(s), in cascade order. Alone: upscale '
@@ -108,16 +115,19 @@ def main(argv):
   try:
     extractor = evaluation.prepare_run_metrics(  # fails fast, before sampling
         _WORKDIR.value, _METRICS.value, inception_weights=_INCEPTION_WEIGHTS.value)
+    prompts, num_samples = _prompts(sample)
     solver_options = dict(spacing=_SPACING.value, order=_ORDER.value, s_churn=_S_CHURN.value,
                           s_tmin=_S_TMIN.value, s_tmax=_S_TMAX.value, s_noise=_S_NOISE.value,
                           thresholding=_THRESHOLDING.value)
     result = sample.sample_run(
         _WORKDIR.value, solver=_SOLVER.value, sampler=_SAMPLER.value, steps=_STEPS.value,
-        eta=_ETA.value, solver_options=solver_options, num_samples=_NUM_SAMPLES.value, batch_size=_BATCH_SIZE.value, seed=_SEED.value,
+        eta=_ETA.value, solver_options=solver_options,
+        num_samples=num_samples, batch_size=_BATCH_SIZE.value, seed=_SEED.value,
         class_label=_CLASS_LABEL.value, guidance_scale=_GUIDANCE_SCALE.value,
         inpaint_image=_INPAINT_IMAGE.value, inpaint_mask=_INPAINT_MASK.value,
         inpaint_resample=_INPAINT_RESAMPLE.value, inpaint_jump_length=_INPAINT_JUMP.value,
-        output_dir=_OUTPUT_DIR.value, save_individual=_SAVE_INDIVIDUAL.value)
+        output_dir=_OUTPUT_DIR.value, save_individual=_SAVE_INDIVIDUAL.value,
+        prompts=prompts, negative_prompt=_NEGATIVE_PROMPT.value)
     metrics = None
     if _METRICS.value:
       metrics = evaluation.evaluate_run(
@@ -134,6 +144,17 @@ def main(argv):
       print(f'Inpainting PSNR of the filled region: {result["psnr"].mean():.2f} dB')
     if metrics is not None:
       print(json.dumps(evaluation.scalars(metrics), sort_keys=True))
+
+
+def _prompts(sample) -> tuple[list[str] | None, int | None]:
+  """(--prompt or --prompts_file's prompts, the number of samples)."""
+  from jaxddpm import prompts  # pylint: disable=g-import-not-at-top
+  if _PROMPT.value is not None and _PROMPTS_FILE.value:
+    raise sample.SampleError('give --prompt or --prompts_file, not both')
+  if _PROMPTS_FILE.value:
+    lines = prompts.read_prompts_file(_PROMPTS_FILE.value)
+    return lines, _NUM_SAMPLES.value if _NUM_SAMPLES.value is not None else len(lines)
+  return (None if _PROMPT.value is None else [_PROMPT.value]), _NUM_SAMPLES.value
 
 
 def _fail(message) -> None:
@@ -164,4 +185,4 @@ def _super_resolution(sample) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=config_utils.parse_flags)
+  app.run(main, flags_parser=config_cli.parse_flags)

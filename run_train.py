@@ -22,7 +22,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from jaxddpm import config_utils
+from jaxddpm import config_cli
 from jaxddpm import parallel
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
@@ -66,4 +66,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=config_utils.parse_flags)
+  app.run(main, flags_parser=config_cli.parse_flags)

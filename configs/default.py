@@ -28,6 +28,8 @@ def get_config():
   # (antialiased bicubic, jaxddpm.data.transforms.bicubic_resize), and makes the model an SR model.
   data.low_res_size = 0
   data.photo_size = 128  # photos: each photograph's short side before cropping
+  data.image_width = 0  # 0: square image_size x image_size; else the width (digit_pairs: 32)
+  data.max_text_length = 16  # captioned data: tokens per prompt (padded / truncated)
 
   config.model = model = ml_collections.ConfigDict()
   model.name = 'unet'  # the denoiser, from the model registry (jaxddpm.models)
@@ -51,6 +53,20 @@ def get_config():
   model.downsample_padding = 'same'  # 'same' (TF, DDPM) | 'symmetric' (pad 1 each side)
   model.dtype = 'float32'  # compute dtype; params stay float32
   model.remat = False
+  # Text-to-image (captioned data): '' none | 'transformer', a text transformer trained with
+  # the U-Net on a word-level tokenizer built from the training captions (GLIDE) | 'clip',
+  # a frozen pretrained CLIP text encoder from the Hugging Face folder clip_dir. The
+  # U-Net cross-attends to its token features and adds its pooled feature to the time
+  # embedding (jaxddpm.models.text, layers.CrossAttnBlock).
+  model.text = text = ml_collections.ConfigDict()
+  text.encoder = ''
+  text.width = 64
+  text.num_layers = 2
+  text.num_heads = 4
+  text.caption_dropout = 0.1  # to the empty prompt, for classifier-free guidance
+  text.clip_dir = ''
+  text.vocab_size = 0  # set at the start of training from the run's tokenizer
+  text.null_tokens = (0,)  # the empty prompt's tokens, set with vocab_size
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.num_timesteps = 1000

@@ -73,7 +73,40 @@ def _unet_config(config) -> models.UNetConfig:
       remat=m.remat,
       ignore_cond_keys=tuple(m.get('ignore_cond_keys', ())),
       low_res_size=low_res_size(config),
+      image_width=int(config.data.get('image_width', 0)),
+      text=text_config(config),
   )
+
+
+def text_encoder(config) -> str:
+  """config.model.text.encoder: '' (no text), 'transformer' or 'clip'."""
+  text = config.model.get('text')
+  return str(text.get('encoder', '')) if text else ''
+
+
+def text_config(config) -> models.TextConfig | None:
+  """The jointly trained text transformer's typed config, or None without one.
+
+  vocab_size and null_tokens come from the run's tokenizer (`jaxddpm.prompts`), which the
+  training shell writes into the config before the model is built.
+  """
+  if text_encoder(config) != 'transformer':
+    return None
+  t = config.model.text
+  if int(t.vocab_size) < 1:
+    raise ValueError('model.text.vocab_size is unset: the tokenizer of this run was not '
+                     'prepared (jaxddpm.prompts.prepare_text)')
+  return models.TextConfig(
+      vocab_size=int(t.vocab_size), max_length=int(config.data.max_text_length),
+      width=int(t.width), num_layers=int(t.num_layers), num_heads=int(t.num_heads),
+      null_tokens=tuple(t.null_tokens), caption_dropout=float(t.caption_dropout))
+
+
+def image_shape(config) -> tuple[int, int, int]:
+  """(H, W, C) of the run's images: data.image_size high, data.image_width (0: square) wide."""
+  d = config.data
+  size = int(d.image_size)
+  return size, int(d.get('image_width', 0)) or size, int(d.channels)
 
 
 def low_res_size(config) -> int:

@@ -33,6 +33,7 @@ from jaxddpm import factories
 from jaxddpm import images as images_lib
 from jaxddpm import models
 from jaxddpm import parallel
+from jaxddpm import prompts as prompts_lib
 from jaxddpm import runs
 from jaxddpm import runtime
 from jaxddpm import sample_io
@@ -108,12 +109,15 @@ def _resolve(config, *, solver, sampler, steps, eta, solver_options, num_samples
       raise SampleError(f'class_label = {class_label} is out of range [0, {num_classes})')
   if opts['guidance_scale'] < 0:
     raise SampleError(f'guidance_scale = {opts["guidance_scale"]} must be >= 0')
-  if opts['guidance_scale'] > 0 and num_classes == 0:
-    raise SampleError('classifier-free guidance needs a class-conditional model; this one is '
-                      'unconditional (model.num_classes = 0)')
-  if opts['guidance_scale'] > 0 and not float(config.model.get('class_dropout', 0.0)) > 0:
-    logging.warning('guidance_scale > 0, but the model was trained without label dropout '
-                    '(model.class_dropout = 0): its null-class prediction is untrained.')
+  spec = factories.create_model(config).config.cond_spec()
+  guided = [k for k, kind in spec.items() if kind.guided]
+  if opts['guidance_scale'] > 0 and not guided:
+    raise SampleError('classifier-free guidance needs a conditional model (class labels or '
+                      'text); this one is unconditional')
+  if opts['guidance_scale'] > 0 and not any(spec[k].dropout > 0 for k in guided):
+    logging.warning('guidance_scale > 0, but the model was trained without condition dropout '
+                    '(model.class_dropout / text.caption_dropout = 0): its null prediction '
+                    'is untrained.')
   # Every device gets the same share of a batch; round up, the extra samples are dropped.
   batch = min(opts['batch_size'], opts['num_samples'])
   opts['batch_size'] = math.ceil(batch / mesh_size) * mesh_size
@@ -175,14 +179,17 @@ def generate(config, params, *, num_samples: int, solver: str | None = None,
              batch_size: int | None = None, key: jax.Array | None = None,
              progress: bool = False, mesh=None, sampler: str | None = None,
              solver_options: dict | None = None, low_res=None,
-             aug_level: float | None = None) -> dict[str, Any]:
+             aug_level: float | None = None, prompts=None, negative_prompt: str | None = None,
+             tokenizer=None) -> dict[str, Any]:
   """Samples of the network `config` describes with `params` (no workdir needed).
 
   Arguments as `sample_run`'s (None: config.sampling's); `key`, when given, replaces
   key(seed) as the base key (batch b draws from fold_in(key, b)). A super-resolution model
   (config.data.low_res_size > 0) takes low_res, uint8 [num_samples, h, w, C] (sample i
   upscales low_res[i]), noised to aug_level (default config.sampling.aug_level;
-  `jaxddpm.diffusion.superres`) from fold_in(fold_in(key, b), 2). Returns dict(images uint8
+  `jaxddpm.diffusion.superres`) from fold_in(fold_in(key, b), 2). A text model takes
+  prompts (one for all samples, or one each) and a negative prompt, tokenized by
+  `tokenizer` (`jaxddpm.prompts`). Returns dict(images uint8
   [N, H, W, C], samples float32 [N, H, W, C] in [-1, 1] (unclipped), labels [N] or None,
   nfe: the model evaluations per sample). All processes must call it (the parameters may be
   global arrays).
@@ -194,6 +201,8 @@ def generate(config, params, *, num_samples: int, solver: str | None = None,
                   guidance_scale=guidance_scale, mesh_size=mesh.size)
   opts['key'] = key
   opts.update(sample_io.low_res_inputs(config, low_res, aug_level, opts['num_samples']))
+  opts.update(prompts_lib.prompt_inputs(config, None, prompts, negative_prompt, opts,
+                                        tokenizer=tokenizer))
   return _sample(config, params, opts, step=None, inpainting=None, inpaint_resample=1,
                  inpaint_jump_length=10, progress=progress, mesh=mesh)
 
@@ -213,30 +222,6 @@ def _round(workdir: str, steps: int | None) -> str:
     raise SampleError(str(e)) from None
 
 
-def _inpainting_inputs(config, settings, image_path, mask_path, *, inpaint_resample: int,
-                       inpaint_jump_length: int) -> tuple[np.ndarray, np.ndarray] | None:
-  """The (image, mask) to inpaint, or None; RePaint's settings checked before any compiling
-  (settings: `_solver_settings`'s)."""
-  resample, jump_length = inpaint_resample, inpaint_jump_length
-  if not (image_path or mask_path):
-    if resample != 1:
-      raise SampleError(f'inpaint_resample = {resample} needs --inpaint_image and '
-                        '--inpaint_mask')
-    return None
-  inpainting = sample_io.load_inpainting_inputs(
-      image_path, mask_path, int(config.data.image_size), int(config.data.channels))
-  if resample > 1 and settings['multistep']:
-    raise SampleError(f'inpaint_resample = {resample}: RePaint jumps back in time, which '
-                      f'{settings["solver"]} (a multistep solver) cannot follow; use '
-                      'inpaint_resample = 1 or a single-step solver (ddpm, ddim, heun)')
-  try:
-    solvers.repaint.repaint_plan(settings['grid_steps'], jump_length, resample)
-  except ValueError as e:
-    raise SampleError(f'inpaint_resample = {resample}, inpaint_jump_length = '
-                      f'{jump_length}: {e}') from None
-  return inpainting
-
-
 def _load_ema(workdir: str):
   """(config, EMA params, step) of the newest good checkpoint (`runs.load_run_and_step`)."""
   try:
@@ -254,7 +239,8 @@ def sample_run(workdir: str, *, solver: str | None = None, steps: int | None = N
                inpaint_image: str | None = None, inpaint_mask: str | None = None,
                inpaint_resample: int = 1, inpaint_jump_length: int = 10,
                output_dir: str | None = None, save_individual: bool = False,
-               progress: bool = True, mesh=None) -> dict[str, Any]:
+               progress: bool = True, mesh=None, prompts=None,
+               negative_prompt: str | None = None) -> dict[str, Any]:
   """Samples from the latest checkpoint (EMA parameters) of the run in `workdir`.
 
   Args (None: the run's config.sampling value, and config.seed):
@@ -277,6 +263,9 @@ def sample_run(workdir: str, *, solver: str | None = None, steps: int | None = N
     output_dir: default `sample_io.default_output_dir`; must not hold earlier outputs.
     save_individual: also write one PNG per sample. progress: a progress bar (process 0).
     mesh: a 1-D 'data' mesh (default `parallel.make_mesh()`, all devices).
+    prompts, negative_prompt: text models: one prompt for every sample or one per sample
+      (None: the empty prompt), and the prompt guidance steers away from (guidance_scale
+      > 0); stored in samples.npz ('prompts').
 
   Returns:
     dict(images uint8 [N, H, W, C], samples float32 [N, H, W, C] in [-1, 1] (unclipped),
@@ -293,8 +282,9 @@ def sample_run(workdir: str, *, solver: str | None = None, steps: int | None = N
                   batch_size=batch_size, seed=seed, class_label=class_label,
                   guidance_scale=guidance_scale, mesh_size=mesh.size)
   opts.update(sample_io.low_res_inputs(config, None, None, opts['num_samples']))
+  opts.update(prompts_lib.prompt_inputs(config, workdir, prompts, negative_prompt, opts))
   repaint = dict(inpaint_resample=inpaint_resample, inpaint_jump_length=inpaint_jump_length)
-  inpainting = _inpainting_inputs(config, opts['settings'], inpaint_image, inpaint_mask,
+  inpainting = sample_io.inpainting_inputs(config, opts['settings'], inpaint_image, inpaint_mask,
                                   **repaint)
   # Before naming the outputs: a damaged newest checkpoint makes this an older step.
   config, params, step = _load_ema(workdir)
@@ -310,6 +300,7 @@ def sample_run(workdir: str, *, solver: str | None = None, steps: int | None = N
     sample_io.remove_created(created)
     raise
   result['output_dir'] = output_dir
+  result['prompts'] = opts['prompts']
   if parallel.is_main_process():
     sample_io.write_outputs(output_dir, result, save_individual=save_individual)
   return result
@@ -348,6 +339,9 @@ def _init_fn(plan: solvers.Plan, opts, num_classes: int, shape):
     if 'low_res' in given:
       low_res = {'low_res': given['low_res'].astype(jnp.float32) / 127.5 - 1.0}
       cond.update(superres.augment(low_res, opts['aug_level'], jax.random.fold_in(key, 2)))
+    for name in ('tokens', 'negative_tokens'):
+      if name in given:
+        cond[name] = jnp.asarray(given[name], jnp.int32)
     if num_classes:
       if opts['class_label'] is not None:
         cond['label'] = jnp.full((batch,), opts['class_label'], jnp.int32)
@@ -372,13 +366,13 @@ def _sample(config, params, opts, *, step, inpainting, inpaint_resample, inpaint
   Used by `sample_run` (the CLI), `generate` (`Run.sample`, the training grids).
   Returns dict(images, samples, labels, psnr) as `sample_run` documents.
   """
-  size, channels = int(config.data.image_size), int(config.data.channels)
+  shape = factories.image_shape(config)
   num_classes = int(config.model.num_classes)
   rep = parallel.replicated(mesh)
   model_fn = _model_fn(config, params, opts['guidance_scale'], rep)
   plan = jax.device_put(_plan(config, opts, inpainting, inpaint_resample, inpaint_jump_length),
                         rep)
-  init = _init_fn(plan, opts, num_classes, (opts['batch_size'], size, size, channels))
+  init = _init_fn(plan, opts, num_classes, (opts['batch_size'], *shape))
   base_key = opts['key'] if opts.get('key') is not None else jax.random.key(opts['seed'])
   given = functools.partial(_given, opts)
   abstract = jax.eval_shape(init, base_key, base_key, given(0))
@@ -413,13 +407,16 @@ def _sample(config, params, opts, *, step, inpainting, inpaint_resample, inpaint
 
 
 def _given(opts, b: int) -> dict[str, np.ndarray]:
-  """Batch b's share of the inputs given per sample: {'low_res': uint8 [B, h, w, C]} (the
-  last batch padded by repeating its last input), or {}."""
-  if opts.get('low_res') is None:
-    return {}
+  """Batch b's share of the inputs given per sample: 'low_res' uint8 [B, h, w, C], 'tokens'
+  and 'negative_tokens' int32 [B, L], those given (the last batch padded by repeating its
+  last input)."""
   size = opts['batch_size']
-  rows = np.minimum(np.arange(b * size, (b + 1) * size), len(opts['low_res']) - 1)
-  return {'low_res': opts['low_res'][rows]}
+  out = {}
+  for name in ('low_res', 'tokens', 'negative_tokens'):
+    if opts.get(name) is not None:
+      rows = np.minimum(np.arange(b * size, (b + 1) * size), len(opts[name]) - 1)
+      out[name] = opts[name][rows]
+  return out
 
 
 def _result(outputs, labels, n: int, step, inpainting) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from jaxddpm import images as images_lib
+from jaxddpm import solvers
 
 GRID_SIZE = 64
 # What `write_outputs` (and run_sample.py's metrics.json) put in an output dir.
@@ -66,6 +67,30 @@ def load_inpainting_inputs(image_path: str, mask_path: str, image_size: int,
   if mask.min() == 1.0:
     raise SampleError('the mask keeps every pixel (white = keep); nothing to inpaint')
   return image, mask
+
+def inpainting_inputs(config, settings, image_path, mask_path, *, inpaint_resample: int,
+                      inpaint_jump_length: int) -> tuple[np.ndarray, np.ndarray] | None:
+  """The (image, mask) to inpaint, or None; RePaint's settings checked before any compiling
+  (settings: `sample._solver_settings`'s)."""
+  resample, jump_length = inpaint_resample, inpaint_jump_length
+  if not (image_path or mask_path):
+    if resample != 1:
+      raise SampleError(f'inpaint_resample = {resample} needs --inpaint_image and '
+                        '--inpaint_mask')
+    return None
+  inpainting = load_inpainting_inputs(
+      image_path, mask_path, int(config.data.image_size), int(config.data.channels))
+  if resample > 1 and settings['multistep']:
+    raise SampleError(f'inpaint_resample = {resample}: RePaint jumps back in time, which '
+                      f'{settings["solver"]} (a multistep solver) cannot follow; use '
+                      'inpaint_resample = 1 or a single-step solver (ddpm, ddim, heun)')
+  try:
+    solvers.repaint.repaint_plan(settings['grid_steps'], jump_length, resample)
+  except ValueError as e:
+    raise SampleError(f'inpaint_resample = {resample}, inpaint_jump_length = '
+                      f'{jump_length}: {e}') from None
+  return inpainting
+
 
 def low_res_inputs(config, low_res, aug_level: float | None, num_samples: int
                    ) -> dict[str, Any]:
@@ -185,7 +210,8 @@ def check_finite(samples: np.ndarray, step: int | None) -> None:
 
 
 def write_outputs(output_dir: str, result: dict[str, Any], *, save_individual: bool) -> None:
-  """samples.npz, grid.png, psnr.json (inpainting) and optionally images/NNNNNN.png.
+  """samples.npz (images, labels, psnr, prompts: those there are), grid.png, psnr.json
+  (inpainting) and optionally images/NNNNNN.png.
 
   Raises:
     SampleError: a file could not be written (e.g. the disk is full).
@@ -193,6 +219,8 @@ def write_outputs(output_dir: str, result: dict[str, Any], *, save_individual: b
   try:
     os.makedirs(output_dir, exist_ok=True)
     arrays = {k: result[k] for k in ('images', 'labels', 'psnr') if result[k] is not None}
+    if result.get('prompts') is not None:  # the i-th sample answers prompts[i]
+      arrays['prompts'] = np.asarray(list(result['prompts']), dtype=np.str_)
     np.savez(os.path.join(output_dir, 'samples.npz'), **arrays)
     images = result['images']
     images_lib.save_image_grid(images[:GRID_SIZE], os.path.join(output_dir, 'grid.png'))

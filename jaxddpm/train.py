@@ -33,6 +33,7 @@ from jaxddpm import distillation
 from jaxddpm import factories
 from jaxddpm import models
 from jaxddpm import parallel
+from jaxddpm import prompts
 from jaxddpm import runtime
 from jaxddpm import schedules
 from jaxddpm import train_hooks
@@ -373,14 +374,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise TrainError('workdir is empty; name the run directory, e.g. --workdir=runs/NAME.')
   workdir = os.path.abspath(workdir)
   check_config(config)
-  with _as_train_error(data_lib.DatasetError):
+  with _as_train_error(data_lib.DatasetError, prompts.PromptError):
+    # A text run's tokenizer: the workdir's (resumed), else built from the captions.
+    config, tokenizer = prompts.prepare_text(config, workdir, lambda: data_lib.captions(
+        data_lib.create_source(config.data, split=config.data.split)))
     pipeline = data_lib.create_train_pipeline(
-        config, process_index=jax.process_index(), process_count=jax.process_count())
+        config, process_index=jax.process_index(), process_count=jax.process_count(),
+        tokenizer=tokenizer)
   with _as_train_error(workdir_lib.WorkdirError):
     workdir_lib.check_writable(workdir)
   with _as_train_error(workdir_lib.WorkdirError, workdir=workdir):
     lock = workdir_lib.lock(workdir)
   try:
+    if parallel.is_main_process():
+      with _as_train_error(prompts.PromptError):
+        prompts.save_tokenizer(config, workdir, tokenizer)
     with _as_train_error(workdir_lib.WorkdirError):
       workdir_lib.check_compatible(config, workdir,
                                    has_checkpoints=bool(checkpoint.saved_steps(workdir)))

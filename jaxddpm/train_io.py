@@ -25,6 +25,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from jaxddpm import factories
 from jaxddpm import parallel
 
 
@@ -145,7 +146,7 @@ def describe_run(config, num_params: int, num_images: int, workdir: str,
                devices[0].platform, jax.process_count(), int(config.training.batch_size))
   logging.info('Data: %s, split %r, %d images of %dx%dx%d.', config.data.dataset,
                config.data.split, num_images, int(config.data.image_size),
-               int(config.data.image_size), int(config.data.channels))
+               *factories.image_shape(config)[1:])
   start = (f'resuming from checkpoint {resumed}' if resumed is not None
            else 'starting from step 0')
   logging.info('Workdir %s: %s, training to step %d. Logs: metrics.jsonl there; '

@@ -108,7 +108,12 @@ def write_config(workdir: str, config) -> bool:
 
 
 # Keys added to the config after runs were saved without them, with the value those runs had.
-_ADDED_KEYS = {'model': {'name': 'unet'}}
+_ADDED_KEYS = {
+    'model': {'name': 'unet', 'text': {'encoder': '', 'width': 64, 'num_layers': 2,
+                                       'num_heads': 4, 'caption_dropout': 0.1, 'clip_dir': '',
+                                       'vocab_size': 0, 'null_tokens': [0]}},
+    'data': {'low_res_size': 0, 'photo_size': 128, 'image_width': 0, 'max_text_length': 16},
+}
 # Keys removed from the config that older runs' config.json still hold; they never changed
 # what was trained (data.shuffle_buffer: the order has been a full shuffle per epoch).
 _REMOVED_KEYS = {'data': ('shuffle_buffer',)}

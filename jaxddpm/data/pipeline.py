@@ -3,11 +3,12 @@
 The examples of training step s are elements [s * B, (s + 1) * B) of
 `MapDataset.source(source).shuffle(seed).repeat()` (`Pipeline._order`, the one
 definition of the order), a new permutation every epoch; the source's
-transformations (decode, crop/resize) and the random flips, a Grain random map
-seeded per element, follow; Grain batches and hands process p its rows. A batch
-is therefore a pure function of (seed, step): a resumed run sees exactly the
-batches an uninterrupted one would, with no replay of skipped data, and the
-global batch is the same whatever the number of processes or Grain workers.
+transformations (decode, crop/resize, the choice of one of an image's captions) and the
+random flips, Grain random maps seeded per element of the stream, follow; with a
+tokenizer, each caption becomes its tokens (`text.Tokenize`); Grain batches and hands
+process p its rows. A batch is therefore a pure function of (seed, step): a resumed run
+sees exactly the batches an uninterrupted one would, with no replay of skipped data, and
+the global batch is the same whatever the number of processes or Grain workers.
 Evaluation reads the source in its own order, unshuffled (`eval_batches`).
 """
 
@@ -24,11 +25,14 @@ import jax
 import numpy as np
 
 from jaxddpm.data import sources
+from jaxddpm.data import text
 from jaxddpm.data import transforms
 from jaxddpm.data.transforms import DatasetError
 
-# Tags that give the flips a stream of their own, never the shuffle's.
+# Tags that give the flips and the sources' random maps (caption choice) streams of their
+# own, never the shuffle's nor each other's.
 _FLIP_SEED_TAG = 0x5F11B
+_SOURCE_SEED_TAG = 0xCA971
 
 
 def default_num_workers() -> int:
@@ -56,12 +60,29 @@ def _exit_with_parent(worker_index: int, worker_count: int) -> None:
   threading.Thread(target=watch, daemon=True, name='jaxddpm-parent-watch').start()
 
 
-def examples(dataset: grain.MapDataset, source) -> grain.MapDataset:
+def examples(dataset: grain.MapDataset, source, *, seed: int = 0) -> grain.MapDataset:
   """`dataset` (of `source`'s records) with the source's transformations applied:
-  elements {'x': uint8 (float32 for in-memory sets) [S, S, C], 'label': int}."""
+  elements {'x': uint8 (float32 for in-memory sets) [H, W, C], 'label': int}, with 'text'
+  (str) for captioned sources and the sources' other keys (digit_pairs' 'left', 'right').
+
+  Random transformations (`transforms.ChooseCaption`) are seeded from `seed` and the
+  element's position in `dataset`, so a repeated stream draws anew each epoch.
+  """
   for transform in source.transforms:
-    dataset = dataset.map(transform)
+    if isinstance(transform, grain.transforms.RandomMap):
+      dataset = dataset.random_map(transform, seed=(int(seed) + _SOURCE_SEED_TAG) % 2**32)
+    else:
+      dataset = dataset.map(transform)
   return dataset
+
+
+def _tokenized(dataset: grain.MapDataset, source, tokenizer, max_length: int) -> grain.MapDataset:
+  """Elements with 'tokens' int32 [max_length] for their 'text' (`text.Tokenize`)."""
+  if not getattr(source, 'captioned', False):
+    raise DatasetError(f'A tokenizer was given, but {type(source).__name__} has no captions.')
+  if max_length < 2:
+    raise DatasetError(f'data.max_text_length must be >= 2 (BOS and EOS), got {max_length}.')
+  return dataset.map(text.Tokenize(tokenizer, max_length))
 
 
 def _read(dataset: grain.MapDataset, *, num_workers: int, prefetch: int) -> grain.IterDataset:
@@ -89,16 +110,22 @@ class Pipeline:
   So the examples of a step, and their flips, do not depend on the number of
   processes or workers.
 
-  `batch(step)` -> {'x': float32 [L, S, S, C] in [-1, 1],
-  'cond': {'label': int32 [L]}} (cond {} unless `with_labels`), by random
+  `batch(step)` -> {'x': float32 [L, H, W, C] in [-1, 1],
+  'cond': {'label': int32 [L]}} (no 'label' unless `with_labels`), by random
   access; `iterate(start)` yields the same batches from `num_workers` Grain
-  worker processes, which ship the images as uint8.
+  worker processes, which ship the images as uint8. With a `tokenizer` (a
+  `tokenizers.Tokenizer`, `jaxddpm.data.text`) the source must be captioned, and cond
+  holds 'tokens' int32 [L, max_text_length], the tokens of each example's caption.
+
+  Random flips mirror the whole image, not its caption ("a 3 on the left ..."): a
+  captioned run should train without them.
   """
 
   def __init__(self, source, *, global_batch_size: int, seed: int,
                random_flip: bool = False, with_labels: bool = False,
                process_index: int = 0, process_count: int = 1,
-               num_workers: int = 0, low_res_size: int = 0):
+               num_workers: int = 0, low_res_size: int = 0,
+               tokenizer=None, max_text_length: int = 0):
     if global_batch_size % process_count:
       raise DatasetError(
           f'Global batch {global_batch_size} is not divisible by {process_count} processes.')
@@ -111,15 +138,19 @@ class Pipeline:
     self.random_flip = random_flip
     self.with_labels = with_labels
     self.low_res_size = int(low_res_size)
+    self.tokenizer = tokenizer
+    self.max_text_length = int(max_text_length) if tokenizer is not None else 0
     self.process_index = process_index
     self.process_count = process_count
     self.num_workers = default_num_workers() if num_workers < 0 else int(num_workers)
-    stream = examples(self._order(grain.MapDataset.source(source)), source)
+    stream = examples(self._order(grain.MapDataset.source(source)), source, seed=self.seed)
     if random_flip:
       stream = stream.random_map(transforms.RandomFlip(),
                                  seed=(self.seed + _FLIP_SEED_TAG) % 2**32)
     if self.low_res_size:  # after the flips: the pair is of the flipped image
       stream = stream.map(transforms.LowRes(self.low_res_size))
+    if tokenizer is not None:
+      stream = _tokenized(stream, source, tokenizer, self.max_text_length)
     local = stream.batch(self.local_batch_size, drop_remainder=True)
     # Local batch k holds rows [(k % P) * L, (k % P + 1) * L) of global batch k // P.
     self._batches = local[process_index::process_count]
@@ -135,11 +166,15 @@ class Pipeline:
     return np.array([order[i] for i in range(step * b, (step + 1) * b)], np.int64)
 
   def order_key(self) -> dict[str, Any]:
-    """What the stream of batches depends on (besides the data itself): seed, number of
-    examples, global batch size, flips, labels."""
-    return {'seed': self.seed, 'num_examples': len(self.source),
-            'global_batch_size': self.global_batch_size,
-            'random_flip': bool(self.random_flip), 'with_labels': bool(self.with_labels)}
+    """What the stream of batches depends on (besides the data itself and the tokenizer's
+    vocabulary): seed, number of examples, global batch size, flips, labels, and the token
+    length when there are tokens."""
+    key = {'seed': self.seed, 'num_examples': len(self.source),
+           'global_batch_size': self.global_batch_size,
+           'random_flip': bool(self.random_flip), 'with_labels': bool(self.with_labels)}
+    if self.tokenizer is not None:  # only then, so that older checkpoints still resume
+      key['max_text_length'] = self.max_text_length
+    return key
 
   def batch(self, step: int) -> dict[str, Any]:
     return transforms.to_model_batch(self._batches[step], self.with_labels)
@@ -221,9 +256,15 @@ class BatchIterator(grain.DatasetIterator):
     super().close()
 
 
-def create_train_pipeline(config, *, process_index: int = 0,
-                          process_count: int = 1) -> Pipeline:
-  """The training pipeline of `config` (data.split, batch size, seed, flips, labels, workers)."""
+def text_length(config) -> int:
+  """config.data.max_text_length, the token length L of cond['tokens'] (default 16)."""
+  return int(config.data.get('max_text_length', 16))
+
+
+def create_train_pipeline(config, *, process_index: int = 0, process_count: int = 1,
+                          tokenizer=None) -> Pipeline:
+  """The training pipeline of `config` (data.split, batch size, seed, flips, labels, workers;
+  with a `tokenizer`, tokens of data.max_text_length)."""
   num_classes = int(config.model.num_classes)
   source = sources.create_source(config.data, split=config.data.split, num_classes=num_classes)
   return Pipeline(
@@ -235,16 +276,20 @@ def create_train_pipeline(config, *, process_index: int = 0,
       process_index=process_index,
       process_count=process_count,
       num_workers=int(config.data.get('num_workers', -1)),
-      low_res_size=int(config.data.get('low_res_size', 0)))
+      low_res_size=int(config.data.get('low_res_size', 0)),
+      tokenizer=tokenizer,
+      max_text_length=text_length(config))
 
 
 def eval_batches(config, *, batch_size: int, num_examples: int | None = None,
-                 split: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+                 split: str | None = None, tokenizer=None) -> Iterator[dict[str, np.ndarray]]:
   """The first `num_examples` examples of the eval split in the source's order, no flips.
 
-  Yields {'x': float32 [b, S, S, C] in [-1, 1], 'cond': {'label': int32 [b]}} ({} without
-  labels; with 'low_res' [b, s, s, C] for super-resolution configs), b <= batch_size (the last batch may be short). Not sharded across processes;
-  decoded by Grain's reading threads in this process.
+  Yields {'x': float32 [b, H, W, C] in [-1, 1], 'cond': {'label': int32 [b]}} (no 'label'
+  without labels; with 'low_res' [b, s, s, C] for super-resolution configs; with 'tokens'
+  int32 [b, data.max_text_length] given a `tokenizer`), b <= batch_size (the last batch may
+  be short). A captioned tfds set's caption of each image is drawn with seed 0. Not sharded
+  across processes; decoded by Grain's reading threads in this process.
   """
   num_classes = int(config.model.num_classes)
   source = sources.create_source(config.data, split=split or config.data.eval_split,
@@ -254,6 +299,8 @@ def eval_batches(config, *, batch_size: int, num_examples: int | None = None,
   low_res_size = int(config.data.get('low_res_size', 0))
   if low_res_size:
     dataset = dataset.map(transforms.LowRes(low_res_size))
+  if tokenizer is not None:
+    dataset = _tokenized(dataset, source, tokenizer, text_length(config))
   dataset = dataset.batch(batch_size)
   for batch in _read(dataset, num_workers=0, prefetch=4):
     yield transforms.to_model_batch(batch, num_classes > 0)

@@ -34,7 +34,7 @@ from absl import logging
 from array_record.python import array_record_module
 from PIL import Image
 
-from jaxddpm import config_utils
+from jaxddpm import config_cli
 from jaxddpm.data import sources
 from jaxddpm.data.transforms import DatasetError
 
@@ -153,4 +153,4 @@ if __name__ == '__main__':
                        f'Shards to write; 0: one per {SHARD_BYTES >> 20} MiB of images.',
                        lower_bound=0)
   flags.mark_flags_as_required(['folder', 'output'])
-  app.run(main, flags_parser=config_utils.parse_flags)
+  app.run(main, flags_parser=config_cli.parse_flags)

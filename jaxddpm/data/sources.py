@@ -6,13 +6,21 @@
   * `digits`: scikit-learn's bundled 8x8 digits (values 0..16 -> [-1, 1]),
     bilinearly resized to `data.image_size`; the last 297 images are the
     'test' split, the first 1500 'train'. Labels are the digit. Records are
-    ready examples {'x': float32 [S, S, 1], 'label'}; no transformations.
+    ready examples {'x': float32 [S, S, 1], 'label'}; no transformations
+    (`jaxddpm.data.digits`).
+  * `digit_pairs`: two digits side by side on an S x 2S canvas (data.image_width = 2 *
+    data.image_size) with a caption naming them, ten ordered pairs held out of training
+    (`jaxddpm.data.digit_pairs`). Records are ready examples {'x', 'label', 'text', 'left',
+    'right'}.
   * `photos`: the photographs bundled with scikit-image and scikit-learn, random crops
     for 'train' and tiles of three held-out photographs for 'test' (`jaxddpm.data.photos`).
   * `folder`: PNG/JPEG files under `data.data_dir` (recursive, sorted). Records
     are {'image': the file's bytes, 'label'}; decoded, center-cropped to a
     square and resized with PIL (antialiased bicubic). With `model.num_classes > 0`
-    the label is the index of the file's subfolder among the sorted subfolders.
+    the label is the index of the file's subfolder among the sorted subfolders. A
+    folder with Hugging Face `metadata.jsonl` files (lines {"file_name": path relative
+    to the metadata file's folder, "text": caption}) is captioned: records add 'text',
+    and every image must have exactly one caption line (`read_folder_captions`).
   * `array_record`: a folder converted by `python -m jaxddpm.data.prepare`
     (`data.data_dir` is the converter's output): the same records, read
     sequentially from a few ArrayRecord shards through Grain's
@@ -23,9 +31,17 @@
     downloaded and prepared in that format. Records are {'image': uint8
     [H, W, C], 'label'}, center-cropped to a square (when `data.center_crop`)
     and resized, as in DDPM's CelebA-HQ/LSUN setup; CIFAR-10 (already 32x32) is
-    only scaled, x / 127.5 - 1.
+    only scaled, x / 127.5 - 1. A data set with a 'captions' feature (`coco_captions`:
+    {'text': [5 strings]}) is captioned: records add 'captions', of which
+    `transforms.ChooseCaption` keeps one as 'text', drawn anew each epoch.
 
-The folder and array_record sources have no splits: every split is the whole set.
+The folder and array_record sources have no splits: every split is the whole set. The
+captions of a folder are not carried into ArrayRecord shards by `jaxddpm.data.prepare`.
+
+A captioned source has `captioned = True` and a `captions()` method listing every caption
+of the split (`captions(source)`), from which the shell builds the tokenizer
+(`jaxddpm.data.text`). Only 'digit_pairs' images are not square: every other source is
+S x S, and data.image_width must be 0 (or S) for them.
 """
 
 from __future__ import annotations
@@ -37,58 +53,21 @@ from typing import Any
 
 import grain
 import numpy as np
-from PIL import Image
 
+from jaxddpm.data import digit_pairs
 from jaxddpm.data import photos
 from jaxddpm.data import transforms
+from jaxddpm.data.digits import digits_source
 from jaxddpm.data.transforms import DatasetError
 
-DIGITS_NUM_TEST = 297  # last 297 of the 1797 images: the 'test' split
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
+
+CAPTIONS_FILE = 'metadata.jsonl'  # a folder's captions, the Hugging Face imagefolder convention
 
 # The converter's output folder: METADATA_FILE and the shards it names.
 METADATA_FILE = 'metadata.json'
 RECORD_FORMAT = 'jaxddpm.image_record.v1'
 _LABEL = struct.Struct('<q')  # a record: int64 little-endian label, then the file's bytes
-
-
-class ArraySource:
-  """An in-memory data set: images float32 [N, S, S, C] in [-1, 1], labels int32 [N]."""
-
-  transforms = ()
-
-  def __init__(self, images: np.ndarray, labels: np.ndarray | None = None):
-    self.images = images
-    self.labels = np.zeros(len(images), np.int32) if labels is None else labels
-
-  def __len__(self) -> int:
-    return len(self.images)
-
-  def __getitem__(self, i: int) -> dict[str, Any]:
-    return {'x': self.images[i], 'label': int(self.labels[i])}
-
-
-def digits_source(split: str, image_size: int, channels: int) -> ArraySource:
-  """scikit-learn's 8x8 digits: values 0..16 -> x / 8 - 1, bilinear resize to image_size."""
-  from sklearn import datasets  # pylint: disable=g-import-not-at-top
-  if channels != 1:
-    raise DatasetError(f'digits are grayscale: data.channels must be 1, got {channels}.')
-  digits = datasets.load_digits()
-  images = digits.images.astype(np.float32) / 8.0 - 1.0  # [1797, 8, 8] in [-1, 1]
-  labels = digits.target.astype(np.int32)
-  num_train = len(images) - DIGITS_NUM_TEST
-  if split == 'train':
-    images, labels = images[:num_train], labels[:num_train]
-  elif split == 'test':
-    images, labels = images[num_train:], labels[num_train:]
-  elif split != 'all':
-    raise DatasetError(f"digits has splits 'train', 'test' and 'all', not {split!r}.")
-  if image_size != images.shape[1]:
-    # Mode 'F' keeps the float values; bilinear interpolation cannot leave [-1, 1].
-    images = np.stack([
-        np.asarray(Image.fromarray(im, mode='F').resize((image_size, image_size), Image.BILINEAR))
-        for im in images])
-  return ArraySource(images[..., None].astype(np.float32), labels)
 
 
 def list_image_files(directory: str) -> tuple[list[str], list[str], np.ndarray]:
@@ -119,14 +98,67 @@ def list_image_files(directory: str) -> tuple[list[str], list[str], np.ndarray]:
   return files, classes, np.array([index[c] for c in folders], np.int32)
 
 
+def _caption_lines(path: str) -> dict[str, str]:
+  """{image path (normalised): caption} of one metadata.jsonl file."""
+  folder = os.path.dirname(path)
+  out = {}
+  with open(path, encoding='utf-8') as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        entry = json.loads(line)
+        name, text = entry['file_name'], entry['text']
+      except (ValueError, KeyError, TypeError) as e:
+        raise DatasetError(f'{path} line {number} is not a JSON object with "file_name" and '
+                           f'"text" ({type(e).__name__}: {e}).') from e
+      if not isinstance(text, str):
+        raise DatasetError(f'{path} line {number}: "text" is not a string: {text!r}.')
+      file = os.path.normpath(os.path.join(folder, name))
+      if file in out:
+        raise DatasetError(f'{path} line {number} captions {name!r} a second time.')
+      out[file] = text
+  return out
+
+
+def read_folder_captions(directory: str, files: list[str]) -> list[str] | None:
+  """The caption of each of `files` from the metadata.jsonl files under `directory`, or None
+  when there is none (an uncaptioned folder).
+
+  Raises:
+    DatasetError: a caption line names a file that is not one of the folder's images, an
+      image has no caption line, or a line is malformed.
+  """
+  texts = {}
+  for root, dirs, names in os.walk(directory):
+    dirs.sort()
+    if CAPTIONS_FILE in names:
+      texts.update(_caption_lines(os.path.join(root, CAPTIONS_FILE)))
+  if not texts:
+    return None
+  images = [os.path.normpath(f) for f in files]
+  strays = sorted(set(texts) - set(images))
+  if strays:
+    raise DatasetError(f'{CAPTIONS_FILE} under {directory!r} captions {strays[0]!r}, which '
+                       f'is not an image of the folder ({len(strays)} such line(s)).')
+  uncaptioned = [f for f in images if f not in texts]
+  if uncaptioned:
+    raise DatasetError(f'Image {uncaptioned[0]!r} has no caption in the {CAPTIONS_FILE} files '
+                       f'under {directory!r} ({len(uncaptioned)} image(s) without one).')
+  return [texts[f] for f in images]
+
+
 class FolderSource:
-  """PNG/JPEG files under `directory`: records {'image': file bytes, 'label'}."""
+  """PNG/JPEG files under `directory`: records {'image': file bytes, 'label'}, and 'text'
+  when the folder is captioned (`read_folder_captions`)."""
 
   def __init__(self, directory: str, image_size: int, channels: int, *,
                center_crop: bool = True, with_labels: bool = False):
     self.files, classes, labels = list_image_files(directory)
     self.classes = classes if with_labels else []
     self.labels = labels if with_labels else np.zeros(len(self.files), np.int32)
+    self.texts = read_folder_captions(directory, self.files)
+    self.captioned = self.texts is not None
     self.transforms = transforms.image_transforms(image_size, channels, center_crop)
 
   def __len__(self) -> int:
@@ -134,7 +166,13 @@ class FolderSource:
 
   def __getitem__(self, i: int) -> dict[str, Any]:
     with open(self.files[i], 'rb') as f:
-      return {'image': f.read(), 'label': int(self.labels[i])}
+      record = {'image': f.read(), 'label': int(self.labels[i])}
+    if self.texts is not None:
+      record['text'] = self.texts[i]
+    return record
+
+  def captions(self) -> list[str]:
+    return list(self.texts or ())
 
 
 def encode_record(image_bytes: bytes, label: int) -> bytes:
@@ -229,7 +267,12 @@ class TFDSSource:
           'at an empty folder to download it again.') from e
     self.name = name
     self.with_labels = with_labels
+    # Not the builder: the source travels to Grain's workers, which need only the records.
+    self._data_dir, self._split = data_dir or None, split
+    self.captioned = 'captions' in features
     self.transforms = transforms.image_transforms(image_size, channels, center_crop)
+    if self.captioned:
+      self.transforms += (transforms.ChooseCaption(),)
 
   def __len__(self) -> int:
     return len(self._source)
@@ -237,14 +280,47 @@ class TFDSSource:
   def __getitem__(self, i: int) -> dict[str, Any]:
     example = self._source[int(i)]
     label = int(example['label']) if self.with_labels else 0
-    return {'image': np.asarray(example['image']), 'label': label}
+    record = {'image': np.asarray(example['image']), 'label': label}
+    if self.captioned:
+      record['captions'] = _texts(example['captions']['text'])
+    return record
+
+  def captions(self) -> list[str]:
+    """All captions of all images of the split, read without decoding the images."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    if not self.captioned:
+      return []
+    source = tfds.builder(self.name, data_dir=self._data_dir).as_data_source(
+        split=self._split, decoders={'image': tfds.decode.SkipDecoding()})
+    return [text for i in range(len(source)) for text in _texts(source[i]['captions']['text'])]
+
+
+def _texts(values) -> tuple[str, ...]:
+  """tfds strings (str or UTF-8 bytes) -> str."""
+  return tuple(v.decode('utf-8') if isinstance(v, bytes) else str(v) for v in values)
+
+
+def captions(source) -> list[str]:
+  """Every caption of a captioned source's split (repeats kept), to build a tokenizer from."""
+  if not getattr(source, 'captioned', False):
+    raise DatasetError(f'{type(source).__name__} has no captions: text conditioning needs '
+                       "'digit_pairs', a folder with metadata.jsonl or a tfds set with "
+                       "'captions'.")
+  return source.captions()
 
 
 def create_source(data_config, *, split: str, num_classes: int = 0):
-  """The random-access source named by `config.data` for `split`."""
+  """The random-access source named by `config.data` for `split` (data.dataset, image_size,
+  image_width (default 0: square), channels, data_dir, center_crop, photo_size)."""
   name = data_config.dataset
   size, channels = int(data_config.image_size), int(data_config.channels)
+  width = int(data_config.get('image_width', 0))
   with_labels = num_classes > 0
+  if name == 'digit_pairs':
+    return digit_pairs.digit_pairs_source(split, size, width, channels)
+  if width not in (0, size):
+    raise DatasetError(f'data.image_width = {width}: only digit_pairs images are not square; '
+                       f'set it to 0 for {name!r}.')
   if name == 'digits':
     return digits_source(split, size, channels)
   if name == 'photos':

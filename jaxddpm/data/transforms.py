@@ -2,10 +2,12 @@
 
 A source's records (`jaxddpm.data.sources`) are dicts {'image': encoded file bytes or
 uint8 [H, W, C'], 'label': int}, or ready examples {'x': [S, S, C], 'label': int} for the
-in-memory sets. Grain applies, in its worker processes:
+in-memory sets; captioned sets add 'text' (a str) or 'captions' (all of an image's captions).
+Grain applies, in its worker processes:
 
   * `DecodeImage`: bytes -> uint8 [H, W, C] with PIL (converted to L or RGB); a decoded
-    array only has its channels matched;
+    array only has its channels matched; the other keys pass through;
+  * `ChooseCaption`: one of an image's captions, drawn per element and epoch;
   * `CenterCropResize`: uint8 [H, W, C] -> uint8 [S, S, C], central square, antialiased
     bicubic resize;
   * `RandomFlip`: a left-right mirror with probability 1/2, seeded per element;
@@ -85,7 +87,8 @@ def uint8_to_float(image: np.ndarray) -> np.ndarray:
 
 
 class DecodeImage(grain.transforms.Map):
-  """{'image': bytes or uint8 [H, W, C'], 'label'} -> {'x': uint8 [H, W, channels], 'label'}."""
+  """{'image': bytes or uint8 [H, W, C'], 'label', ...} -> {'x': uint8 [H, W, channels],
+  'label', ...} (other keys, e.g. 'text', unchanged)."""
 
   def __init__(self, channels: int):
     self.channels = channels
@@ -96,7 +99,9 @@ class DecodeImage(grain.transforms.Map):
       image = decode_image(image, self.channels)
     else:
       image = match_channels(np.asarray(image), self.channels)
-    return {'x': image, 'label': element['label']}
+    out = {k: v for k, v in element.items() if k != 'image'}
+    out['x'] = image
+    return out
 
 
 class CenterCropResize(grain.transforms.Map):
@@ -128,6 +133,23 @@ class RandomFlip(grain.transforms.RandomMap):
     if rng.random() < 0.5:
       element = dict(element, x=element['x'][:, ::-1])
     return element
+
+
+class ChooseCaption(grain.transforms.RandomMap):
+  """{'captions': k strs, ...} -> {'text': one of them, ...}, uniformly at random.
+
+  Grain seeds `rng` from (seed, position in the stream); the training stream repeats the data
+  set, so each epoch draws afresh (another of COCO's five captions) while a batch stays a pure
+  function of (seed, step).
+  """
+
+  def random_map(self, element, rng: np.random.Generator):
+    captions = element['captions']
+    if not len(captions):
+      raise DatasetError('an image of this captioned data set has no caption')
+    out = {k: v for k, v in element.items() if k != 'captions'}
+    out['text'] = str(captions[int(rng.integers(len(captions)))])
+    return out
 
 
 def bicubic_resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -169,11 +191,15 @@ def _to_float(images: np.ndarray) -> np.ndarray:
 
 
 def to_model_batch(batch: dict[str, np.ndarray], with_labels: bool) -> dict[str, Any]:
-  """A Grain batch {'x': uint8 or float32 [B, S, S, C], 'label': [B]} -> the model's layout
-  {'x': float32 [B, S, S, C] in [-1, 1], 'cond': {'label': int32 [B]}} (cond {} without
+  """A Grain batch {'x': uint8 or float32 [B, H, W, C], 'label': [B]} -> the model's layout
+  {'x': float32 [B, H, W, C] in [-1, 1], 'cond': {'label': int32 [B]}} (cond {} without
   labels). uint8 images become x / 127.5 - 1 here, in the main process. A batch with
-  'low_res' [B, s, s, C] (super-resolution pairs) gives cond['low_res'], in [-1, 1] too."""
+  'low_res' [B, s, s, C] (super-resolution pairs) gives cond['low_res'], in [-1, 1] too; one
+  with 'tokens' [B, L] (tokenised captions) gives cond['tokens'] int32. Other keys ('text',
+  digit_pairs' 'left' and 'right') stay out of the model's batch."""
   cond = {'label': np.asarray(batch['label'], np.int32)} if with_labels else {}
   if 'low_res' in batch:
     cond['low_res'] = _to_float(batch['low_res'])
+  if 'tokens' in batch:
+    cond['tokens'] = np.asarray(batch['tokens'], np.int32)
   return {'x': _to_float(batch['x']), 'cond': cond}

@@ -332,3 +332,45 @@ class AttnBlock(nn.Module):
     h = jnp.einsum('bhij,bjhd->bihd', w, v).reshape(b, hgt * wid, c)
     h = _dense(c, 'proj_out', init_scale=0.0, dtype=self.dtype)(h)
     return x + h.reshape(b, hgt, wid, c)
+
+
+class CrossAttnBlock(nn.Module):
+  """Cross-attention from the H*W positions to text features (Imagen, Saharia et al. 2022,
+  sec. 2.2; Stable Diffusion's `SpatialTransformer`, Rombach et al. 2022, sec. 3.3):
+
+    q = W_q norm(x),  k = W_k c,  v = W_v c            (c: context [B, L, D])
+    h = softmax(q k^T / sqrt(d) + log mask) v            (per head, d = C / heads)
+    out = x + any(mask) * proj_out(h)
+
+  A fully masked context (the null condition) contributes nothing: the block is then the
+  identity, the network's unconditional path. proj_out starts at zero.
+
+  x: [B, H, W, C], context: [B, L, D], mask: [B, L] (nonzero = a real token) -> [B, H, W, C].
+  """
+  num_heads: int = 1
+  num_head_channels: int = 0
+  norm_groups: int = 32
+  norm_eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, context, mask):
+    b, hgt, wid, c = x.shape
+    heads = c // self.num_head_channels if self.num_head_channels > 0 else self.num_heads
+    if c % heads:
+      raise ValueError(f'cross-attention: {c} channels do not split into {heads} heads')
+    d = c // heads
+    length = context.shape[1]
+    n = group_norm(self.norm_groups, self.norm_eps, self.dtype, name='norm')(x)
+    q = _dense(c, 'q', dtype=self.dtype)(n.reshape(b, hgt * wid, c)).reshape(b, -1, heads, d)
+    context = context.astype(self.dtype)
+    k, v = (_dense(c, name, dtype=self.dtype)(context).reshape(b, length, heads, d)
+            for name in ('k', 'v'))
+    valid = mask.astype(bool)
+    logits = jnp.einsum('bihd,bjhd->bhij', q, k).astype(jnp.float32) * (d ** -0.5)
+    logits = jnp.where(valid[:, None, None, :], logits, -1e30)
+    w = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    h = jnp.einsum('bhij,bjhd->bihd', w, v).reshape(b, hgt * wid, c)
+    h = _dense(c, 'proj_out', init_scale=0.0, dtype=self.dtype)(h)
+    gate = valid.any(axis=1).astype(h.dtype)[:, None, None]
+    return x + (gate * h).reshape(b, hgt, wid, c)

@@ -8,6 +8,8 @@ names follow the reference code (hojonathanho/diffusion,
 parameter CIFAR-10 model.
 """
 
+from __future__ import annotations
+
 import dataclasses
 from typing import Mapping, Sequence
 
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 from jaxddpm.diffusion import superres
 from jaxddpm.models import conditioning
 from jaxddpm.models import layers
+from jaxddpm.models import text as text_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,8 +27,9 @@ class UNetConfig:
   """Architecture of the U-Net. Lists are accepted and stored as tuples.
 
   Attributes:
-    image_size: input height/width; attention goes at the levels whose
-      resolution image_size // 2**level is in `attn_resolutions`.
+    image_size: input height (and width, unless image_width); attention goes at the
+      levels whose resolution image_size // 2**level is in `attn_resolutions`.
+    image_width: 0 for square inputs, else the width (e.g. 32 for 16 x 32 canvases).
     in_channels: image channels C of x.
     out_channels: output channels (2C for learned variances: [eps, v]).
     ch: base channel count; level i has ch * ch_mult[i] channels.
@@ -47,6 +51,17 @@ class UNetConfig:
       noise-conditioning augmentation level s in [0, 1], `jaxddpm.diffusion.superres`;
       0 when absent) is embedded like the timestep (of 1000 s) and added to the time
       embedding (CDM sec. 4.3).
+    text: None, or a `text.TextConfig`: a text-to-image model with its own transformer
+      (GLIDE sec. 2.3) reading cond['tokens'] [B, L]; its token features are attended to by
+      a `layers.CrossAttnBlock` after every self-attention block (mid included) and its
+      pooled feature, projected, is added to the time embedding (Imagen sec. 2.2). A
+      missing 'tokens' means the empty prompt.
+    context_dim, pooled_dim: > 0 for a model conditioned on features computed outside it
+      (a frozen CLIP text encoder): cond['context'] [B, L, context_dim] with
+      cond['context_mask'] [B, L], and cond['pooled'] [B, pooled_dim]. Their null value is
+      0 (an all-masked context: the cross-attention blocks are then the identity).
+    context_dropout: the training probability that the context and pooled features are
+      dropped to their null value together.
     num_heads: attention heads (1 in DDPM).
     num_head_channels: if > 0, heads = channels // num_head_channels instead.
     resblock_updown: BigGAN-style ResBlocks for up/downsampling.
@@ -81,6 +96,15 @@ class UNetConfig:
   remat: bool = False
   ignore_cond_keys: Sequence[str] = ()
   low_res_size: int = 0
+  image_width: int = 0
+  text: text_lib.TextConfig | None = None
+  context_dim: int = 0
+  pooled_dim: int = 0
+  context_dropout: float = 0.0
+
+  @property
+  def image_shape(self) -> tuple[int, int]:
+    return self.image_size, self.image_width or self.image_size
 
   def __post_init__(self):
     # ConfigDicts read back from JSON hold lists; tuples keep the config hashable.
@@ -103,12 +127,25 @@ class UNetConfig:
     if self.low_res_size > 0:
       spec['low_res'] = conditioning.Fill(guided=False)
       spec['aug_level'] = conditioning.Fill(guided=False)
+    if self.text is not None:
+      spec['tokens'] = conditioning.Tokens(self.text.null_tokens,
+                                           dropout=self.text.caption_dropout)
+    if self.context_dim > 0:
+      # One rate: the shared uniform of conditioning.drop nulls all three together.
+      for key in ('context', 'context_mask', 'pooled'):
+        spec[key] = conditioning.Fill(dropout=self.context_dropout)
     return spec
 
   def example_inputs(self, batch: int = 1):
     """(x, t, cond) of the right shapes and dtypes (for init and shape inference)."""
-    x = jnp.zeros((batch, self.image_size, self.image_size, self.in_channels), jnp.float32)
+    x = jnp.zeros((batch, *self.image_shape, self.in_channels), jnp.float32)
     cond = {'label': jnp.zeros((batch,), jnp.int32)} if self.num_classes > 0 else {}
+    if self.text is not None:
+      cond['tokens'] = jnp.asarray([self.text.null_tokens] * batch, jnp.int32)
+    if self.context_dim > 0:
+      cond['context'] = jnp.zeros((batch, 1, self.context_dim), jnp.float32)
+      cond['context_mask'] = jnp.ones((batch, 1), jnp.int32)
+      cond['pooled'] = jnp.zeros((batch, max(self.pooled_dim, 1)), jnp.float32)
     if self.low_res_size > 0:
       size = self.low_res_size
       cond['low_res'] = jnp.zeros((batch, size, size, self.in_channels), jnp.float32)
@@ -126,7 +163,9 @@ class UNet(nn.Module):
       unconditional; {'label': [B] int in [0, num_classes]} (num_classes = null
       class) for num_classes > 0, where a missing label means the null class;
       {'low_res': [B, h, w, C], 'aug_level': [B]} for a super-resolution model
-      (`UNetConfig.low_res_size`; low_res is required, aug_level defaults to 0).
+      (`UNetConfig.low_res_size`; low_res is required, aug_level defaults to 0);
+      {'tokens': [B, L]} for a text model, {'context', 'context_mask', 'pooled'} for one
+      on external text features (`UNetConfig.text`, `context_dim`).
       A key outside `cond_spec()` and `ignore_cond_keys` is a ValueError.
   Returns: [B, H, W, out_channels] float32.
   """
@@ -147,14 +186,20 @@ class UNet(nn.Module):
       raise ValueError(f'x must be [B, H, W, C] with H, W divisible by {factor}, got {x.shape}')
     res_block = nn.remat(layers.ResBlock, static_argnums=(3,)) if cfg.remat else layers.ResBlock
     attn_block = nn.remat(layers.AttnBlock) if cfg.remat else layers.AttnBlock
+    cross_block = nn.remat(layers.CrossAttnBlock) if cfg.remat else layers.CrossAttnBlock
 
     def resnet(out_ch, name, resample='none'):
       return res_block(out_ch, dropout=cfg.dropout, norm_groups=cfg.norm_groups, norm_eps=cfg.norm_eps,
                        resample=resample, dtype=dtype, name=name)
 
     def attention(name):
-      return attn_block(num_heads=cfg.num_heads, num_head_channels=cfg.num_head_channels,
-                        norm_groups=cfg.norm_groups, norm_eps=cfg.norm_eps, dtype=dtype, name=name)
+      kw = dict(num_heads=cfg.num_heads, num_head_channels=cfg.num_head_channels,
+                norm_groups=cfg.norm_groups, norm_eps=cfg.norm_eps, dtype=dtype)
+      self_attn = attn_block(**kw, name=name)
+      if context is None:
+        return self_attn
+      cross = cross_block(**kw, name=name.replace('attn', 'xattn'))
+      return lambda h: cross(self_attn(h), context, context_mask)
 
     def dense(features, name):
       return nn.Dense(features, kernel_init=layers.ddpm_init(), dtype=dtype, param_dtype=jnp.float32, name=name)
@@ -171,6 +216,9 @@ class UNet(nn.Module):
         y = jnp.full(x.shape[:1], cfg.num_classes, jnp.int32)
       temb = temb + nn.Embed(cfg.num_classes + 1, 4 * cfg.ch, dtype=dtype, param_dtype=jnp.float32,
                              name='class_embed')(y)
+    context, context_mask, pooled = self._text_inputs(x, cond, dtype)
+    if pooled is not None:
+      temb = temb + dense(4 * cfg.ch, 'pooled_proj')(pooled.astype(dtype))
     if cfg.low_res_size > 0:
       x, aug_emb = self._super_res_inputs(x, cond)
       aug_emb = dense(4 * cfg.ch, 'aug_dense1')(nn.swish(dense(4 * cfg.ch, 'aug_dense0')(aug_emb)))
@@ -214,6 +262,32 @@ class UNet(nn.Module):
     h = nn.swish(layers.group_norm(cfg.norm_groups, cfg.norm_eps, dtype, 'norm_out')(h))
     h = layers.conv(cfg.out_channels, 'conv_out', init_scale=0.0, dtype=dtype)(h)
     return h.astype(jnp.float32)
+
+  def _text_inputs(self, x, cond, dtype):
+    """(context [B, L, D] or None, its mask [B, L], pooled [B, D'] or None)."""
+    cfg = self.config
+    batch = x.shape[0]
+    if cfg.text is not None:
+      tokens = cond.get('tokens')
+      if tokens is None:  # the empty prompt, as a missing label is the null class
+        tokens = jnp.broadcast_to(jnp.asarray(cfg.text.null_tokens, jnp.int32),
+                                  (batch, cfg.text.max_length))
+      return text_lib.TextTransformer(cfg.text, dtype, name='text')(tokens)
+    if cfg.context_dim > 0:
+      pooled = cond.get('pooled')
+      if cfg.pooled_dim > 0 and pooled is None:
+        pooled = jnp.zeros((batch, cfg.pooled_dim), jnp.float32)
+      context = cond.get('context')
+      if context is None:  # unconditional: the cross-attention blocks are the identity
+        return None, None, pooled if cfg.pooled_dim > 0 else None
+      if context.ndim != 3 or context.shape[-1] != cfg.context_dim:
+        raise ValueError(f"cond['context'] must be [B, L, {cfg.context_dim}], got "
+                         f'{context.shape}')
+      mask = cond.get('context_mask')
+      if mask is None:
+        mask = jnp.ones(context.shape[:2], jnp.int32)
+      return context, mask, pooled if cfg.pooled_dim > 0 else None
+    return None, None, None
 
   def _super_res_inputs(self, x, cond):
     """([x_t, upsampled low_res] on channels, the sinusoidal embedding of 1000 s)."""

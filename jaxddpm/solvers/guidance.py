@@ -12,6 +12,11 @@ from jaxddpm.models import conditioning
 from jaxddpm.solvers import base
 
 
+# cond['negative_tokens'] (any 'negative_' key) replaces the null half's 'tokens': a
+# negative prompt (the contrast that guidance steers away from).
+NEGATIVE = 'negative_'
+
+
 @dataclasses.dataclass(frozen=True)
 class _Guided:
   """The guided model function; the spec is static (hashable), model_fn and w are leaves."""
@@ -20,7 +25,14 @@ class _Guided:
   def __call__(self, model_fn, guidance_scale, x, t, cond=None):
     cond = {} if cond is None else cond
     batch = x.shape[0]
-    both = conditioning.concat(cond, conditioning.null(cond, dict(self.spec)))
+    negative = {k[len(NEGATIVE):]: v for k, v in cond.items() if k.startswith(NEGATIVE)}
+    cond = {k: v for k, v in cond.items() if not k.startswith(NEGATIVE)}
+    uncond = conditioning.null(cond, dict(self.spec))
+    unknown = sorted(set(negative) - set(uncond))
+    if unknown:
+      raise ValueError(f'negative conditions {unknown} have no positive counterpart')
+    uncond.update(negative)
+    both = conditioning.concat(cond, uncond)
     out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
     cond_out, uncond_out = out[:batch], out[batch:]
     c = x.shape[-1]
@@ -34,7 +46,8 @@ def classifier_free_guidance(model_fn, guidance_scale, cond_spec: conditioning.S
 
   eps~(x_t, c) = (1 + w) eps(x_t, c) - w eps(x_t, null(c)), with w = guidance_scale and
   null(c) = `conditioning.null(c, cond_spec)`: the guided keys (labels, text) at their null
-  value, the others (a super-resolution input) kept. Both predictions come from one model
+  value, the others (a super-resolution input) kept; a key 'negative_K' of cond replaces K
+  in null(c) (a negative prompt: eps(x_t | negative) instead of eps(x_t | empty prompt)). Both predictions come from one model
   call on the doubled batch. The combination is affine with weights summing to 1, so it is
   applied to the first C output channels whatever the model predicts (eps, x_0 or v); extra
   channels (learned variance) come from the conditional prediction.
