@@ -41,7 +41,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 from absl import app
 from absl import flags

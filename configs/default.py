@@ -67,6 +67,7 @@ def get_config():
   text.clip_dir = ''
   text.vocab_size = 0  # set at the start of training from the run's tokenizer
   text.null_tokens = (0,)  # the empty prompt's tokens, set with vocab_size
+  text.clip_arch = ''  # 'clip': the encoder's architecture (JSON), set from clip_dir
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.num_timesteps = 1000

@@ -29,8 +29,10 @@ def get_config():
   config.data.eval_split = 'test'
   config.data.max_text_length = 16
 
-  config.model.ch = 32
-  config.model.ch_mult = (1, 2, 2)
+  # 16 channels at 16 x 32, where the 8 x 8 digits carry little detail, and 32 / 64 below:
+  # 2.5x cheaper than 32 channels throughout, so that 3000 steps fit in 40 CPU minutes.
+  config.model.ch = 16
+  config.model.ch_mult = (1, 2, 4)
   config.model.num_res_blocks = 1
   config.model.attn_resolutions = (8,)
   config.model.num_head_channels = 32

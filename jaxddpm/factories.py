@@ -7,6 +7,8 @@ them here from `config.diffusion`, `config.model`, `config.data` and `config.sam
 
 from __future__ import annotations
 
+import json
+
 import flax.linen as nn
 
 from jaxddpm import config_utils
@@ -85,21 +87,29 @@ def text_encoder(config) -> str:
 
 
 def text_config(config) -> models.TextConfig | None:
-  """The jointly trained text transformer's typed config, or None without one.
+  """The text encoder's typed config, or None without one.
 
   vocab_size and null_tokens come from the run's tokenizer (`jaxddpm.prompts`), which the
-  training shell writes into the config before the model is built.
+  training shell writes into the config before the model is built; so does a 'clip' run's
+  architecture (model.text.clip_arch, the JSON of a `models.CLIPTextConfig`).
   """
-  if text_encoder(config) != 'transformer':
+  kind = text_encoder(config)
+  if not kind:
     return None
   t = config.model.text
   if int(t.vocab_size) < 1:
     raise ValueError('model.text.vocab_size is unset: the tokenizer of this run was not '
                      'prepared (jaxddpm.prompts.prepare_text)')
+  clip = None
+  if kind == 'clip':
+    if not str(t.get('clip_arch', '')):
+      raise ValueError('model.text.clip_arch is unset: the CLIP encoder of this run was not '
+                       'loaded (jaxddpm.prompts.prepare_text)')
+    clip = models.CLIPTextConfig(**json.loads(str(t.clip_arch)))
   return models.TextConfig(
       vocab_size=int(t.vocab_size), max_length=int(config.data.max_text_length),
       width=int(t.width), num_layers=int(t.num_layers), num_heads=int(t.num_heads),
-      null_tokens=tuple(t.null_tokens), caption_dropout=float(t.caption_dropout))
+      null_tokens=tuple(t.null_tokens), caption_dropout=float(t.caption_dropout), clip=clip)
 
 
 def image_shape(config) -> tuple[int, int, int]:

@@ -5,17 +5,25 @@ tokenizer built from its training captions (`jaxddpm.data.text`) at the start of
 and saved as `WORKDIR/tokenizer.json`; the vocabulary size and the empty prompt's tokens
 (the null value of `cond['tokens']`, for caption dropout and classifier-free guidance) are
 written into the run's config, so a resumed run and `run_sample.py --prompt` use exactly
-the same tokens. A 'clip' run reads the tokenizer of its pretrained encoder's folder.
+the same tokens. A 'clip' run takes the tokenizer of its pretrained encoder's folder
+(`jaxddpm.clip`), padded with its pad token, and saves it in the workdir the same way.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import os
 from typing import Callable, Sequence
 
+import jax
+import numpy as np
+
+from jaxddpm import clip
 from jaxddpm import sample_io
 from jaxddpm.data import text as text_data
+from jaxddpm.models import text as text_lib
 
 
 class PromptError(sample_io.SampleError):
@@ -28,36 +36,63 @@ def encoder(config) -> str:
 
 
 def tokenizer_path(config, workdir: str) -> str:
-  if encoder(config) == 'clip':
-    return os.path.join(str(config.model.text.clip_dir), text_data.TOKENIZER_FILE)
+  """WORKDIR/tokenizer.json: the run's tokenizer (a 'clip' run's is its encoder's, padded)."""
+  del config
   return os.path.join(workdir, text_data.TOKENIZER_FILE)
 
 
 def prepare_text(config, workdir: str, captions: Callable[[], Sequence[str]]):
-  """(config with model.text.vocab_size / null_tokens set, tokenizer), or (config, None)
-  for a run without text. The tokenizer is WORKDIR/tokenizer.json when it exists (a resumed
-  run), else built from `captions()` (every process builds the same one); `save_tokenizer`
-  writes it once the workdir is locked."""
+  """(config with model.text.vocab_size / null_tokens set, tokenizer, pretrained), or
+  (config, None, None) for a run without text.
+
+  'transformer': the tokenizer is WORKDIR/tokenizer.json when it exists (a resumed run), else
+  built from `captions()` (every process builds the same one); pretrained is None.
+  'clip': the encoder of model.text.clip_dir (`jaxddpm.clip.load_clip_text`): its tokenizer,
+  set to pad with its pad token, its architecture as JSON in model.text.clip_arch (so that
+  the run samples without the folder), and pretrained = {text.FROZEN_NAME: its parameters}
+  (`train_state.create_train_state`'s pretrained subtrees).
+  `save_tokenizer` writes the tokenizer once the workdir is locked.
+  """
   kind = encoder(config)
   if not kind:
-    return config, None
-  if kind != 'transformer':
-    raise PromptError(f"model.text.encoder = {kind!r} cannot train yet; use 'transformer'")
-  path = tokenizer_path(config, workdir)
-  tokenizer = (_load(path) if os.path.exists(path)
-               else text_data.build_word_tokenizer(captions()))
+    return config, None, None
   config = copy.deepcopy(config)
   length = int(config.data.max_text_length)
+  pretrained = None
+  if kind == 'clip':
+    tokenizer, arch, pretrained = _clip_encoder(str(config.model.text.clip_dir), length)
+    with config.unlocked():
+      config.model.text.clip_arch = arch
+  else:
+    path = tokenizer_path(config, workdir)
+    tokenizer = (_load(path) if os.path.exists(path)
+                 else text_data.build_word_tokenizer(captions()))
   with config.unlocked():
     config.model.text.vocab_size = int(tokenizer.get_vocab_size())
     config.model.text.null_tokens = tuple(text_data.null_tokens(tokenizer, length))
-  return config, tokenizer
+  return config, tokenizer, pretrained
+
+
+def _clip_encoder(folder: str, length: int):
+  """(tokenizer padding with the pad token, architecture JSON, {FROZEN_NAME: params})."""
+  try:
+    encoder_ = clip.load_clip_text(folder)
+  except clip.CLIPLoadError as e:
+    raise PromptError(f'model.text.clip_dir: {e}') from None
+  if length > encoder_.config.max_position_embeddings:
+    raise PromptError(f'data.max_text_length = {length} exceeds the CLIP encoder\'s '
+                      f'{encoder_.config.max_position_embeddings} positions')
+  tokenizer = encoder_.tokenizer
+  tokenizer.enable_padding(pad_id=encoder_.pad_id, pad_token=tokenizer.id_to_token(encoder_.pad_id))
+  arch = json.dumps(dataclasses.asdict(encoder_.config), sort_keys=True)
+  params = jax.tree.map(np.asarray, encoder_.params)
+  return tokenizer, arch, {text_lib.FROZEN_NAME: params}
 
 
 def save_tokenizer(config, workdir: str, tokenizer) -> None:
   """Writes the run's tokenizer to WORKDIR/tokenizer.json unless it is there."""
   path = tokenizer_path(config, workdir)
-  if tokenizer is not None and encoder(config) == 'transformer' and not os.path.exists(path):
+  if tokenizer is not None and encoder(config) and not os.path.exists(path):
     try:
       text_data.save_tokenizer(tokenizer, path)
     except OSError as e:

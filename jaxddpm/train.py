@@ -53,18 +53,16 @@ class NonFiniteLossError(TrainError):
 
 class SaveError(TrainError):
   """Writing a checkpoint failed (e.g. a full disk); the message names the last good one.
-
-  Orbax's background threads of the failed save may still be unwinding, and
-  an interpreter teardown under them prints pages of asyncio errors, so
-  run_train.py leaves with `os._exit` after reporting it.
-  """
+  Orbax's threads of the failed save may still be unwinding, and an interpreter teardown
+  under them prints pages of asyncio errors: run_train.py leaves with `os._exit`."""
 
 
 def make_train_step(config, model, schedule: schedules.Schedule) -> Callable:
   """Returns train_steps(state, batches) -> (state, metrics) for config's denoising objective
   (`train_step.make_generic_train_step` over `factories.objective`)."""
   loss_fn, sampler = factories.objective(config, model, schedule)
-  return train_step.make_generic_train_step(loss_fn, config.optim, timestep_sampler=sampler)
+  return train_step.make_generic_train_step(loss_fn, config.optim, timestep_sampler=sampler,
+                                            frozen=train_state.has_frozen(config))
 
 
 def make_distillation_step(config, model, schedule_: schedules.Schedule) -> Callable:
@@ -153,16 +151,18 @@ def _as_train_error(*errors: type[Exception], workdir: str | None = None):
     raise TrainError(str(e) if workdir is None else _untouched(str(e), workdir)) from e
 
 
-def _state_init(config, model, mesh, teacher=None) -> tuple[Callable, train_state.TrainState]:
+def _state_init(config, model, mesh, teacher=None, pretrained=None
+                ) -> tuple[Callable, train_state.TrainState]:
   """The jitted initialiser of a fresh TrainState (born replicated; from the teacher's
-  parameters when given) and its abstract state."""
+  parameters when given, with the `pretrained` subtrees) and its abstract state."""
   replicated = parallel.replicated(mesh)
   # Initialisation runs once: compiling it with less LLVM optimisation saves
   # more time than its execution loses.
-  init_jit = jax.jit(lambda key, params: train_state.create_train_state(config, model, key, params),
-                     out_shardings=replicated, compiler_options=models.INIT_COMPILER_OPTIONS)
-  init_fn = lambda key: init_jit(key, teacher)  # the teacher: an argument, not a constant
-  abstract = jax.eval_shape(init_jit, jax.random.PRNGKey(int(config.seed)), teacher)
+  init_jit = jax.jit(lambda key, params, pre: train_state.create_train_state(
+      config, model, key, params, pretrained=pre),
+      out_shardings=replicated, compiler_options=models.INIT_COMPILER_OPTIONS)
+  init_fn = lambda key: init_jit(key, teacher, pretrained)  # arguments, not constants
+  abstract = jax.eval_shape(init_jit, jax.random.PRNGKey(int(config.seed)), teacher, pretrained)
   abstract = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
   return init_fn, abstract
@@ -376,7 +376,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   check_config(config)
   with _as_train_error(data_lib.DatasetError, prompts.PromptError):
     # A text run's tokenizer: the workdir's (resumed), else built from the captions.
-    config, tokenizer = prompts.prepare_text(config, workdir, lambda: data_lib.captions(
+    config, tokenizer, pretrained = prompts.prepare_text(config, workdir, lambda: data_lib.captions(
         data_lib.create_source(config.data, split=config.data.split)))
     pipeline = data_lib.create_train_pipeline(
         config, process_index=jax.process_index(), process_count=jax.process_count(),
@@ -392,18 +392,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     with _as_train_error(workdir_lib.WorkdirError):
       workdir_lib.check_compatible(config, workdir,
                                    has_checkpoints=bool(checkpoint.saved_steps(workdir)))
-    return _train(config, workdir, pipeline, teacher)
+    return _train(config, workdir, pipeline, teacher, pretrained)
   finally:
     if lock is not None:
       lock.release()
 
 
-def _train(config, workdir: str, pipeline, teacher) -> dict[str, Any]:
+def _train(config, workdir: str, pipeline, teacher, pretrained=None) -> dict[str, Any]:
   """Setup, `_loop` and the finish on a locked, checked workdir; the summary."""
   main = parallel.is_main_process()
   mesh = parallel.make_mesh()
   model, schedule = factories.create_model(config), factories.schedule(config)
-  init_fn, abstract = _state_init(config, model, mesh, teacher)
+  init_fn, abstract = _state_init(config, model, mesh, teacher, pretrained)
   ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir),
                                  keep=int(config.training.keep_checkpoints))
   total = int(config.training.num_train_steps)

@@ -1,7 +1,8 @@
 """The train state and the optimizer chain (DDPM Appendix B).
 
 `TrainState` is everything training changes and a checkpoint holds;
-`make_optimizer` is the Optax chain, clip -> Adam with the warmup schedule;
+`make_optimizer` is the Optax chain, clip -> Adam with the warmup schedule, which leaves the
+parameters of frozen submodules (FROZEN_PREFIX, e.g. a pretrained CLIP text encoder) as they are;
 `create_train_state` makes a fresh state from a config and a model.
 """
 
@@ -18,6 +19,16 @@ from jaxddpm import models
 from jaxddpm import timesteps
 
 PyTree = Any
+
+# A top-level parameter subtree whose name starts with this is pretrained and frozen: the
+# optimizer gives it no update and keeps no moments for it.
+FROZEN_PREFIX = 'frozen_'
+
+
+def _trainable_labels(params: PyTree) -> PyTree:
+  """'frozen' for every leaf under a FROZEN_PREFIX top-level key, else 'train'."""
+  return {k: jax.tree.map(lambda _, k=k: 'frozen' if k.startswith(FROZEN_PREFIX) else 'train', v)
+          for k, v in params.items()}
 
 
 
@@ -55,8 +66,31 @@ def learning_rate_schedule(optim_config) -> optax.Schedule:
   return falling if rising is None else optax.join_schedules([rising, falling], [warmup])
 
 
-def make_optimizer(optim_config) -> optax.GradientTransformation:
-  """clip_by_global_norm(grad_clip) -> Adam(lr schedule) (AdamW when weight_decay > 0)."""
+def keep_frozen(tree: PyTree, params: PyTree) -> PyTree:
+  """`tree` with its frozen top-level subtrees (FROZEN_PREFIX) taken from `params`."""
+  return {k: params[k] if k.startswith(FROZEN_PREFIX) else v for k, v in tree.items()}
+
+
+def has_frozen(config) -> bool:
+  """Whether the run's model holds frozen pretrained parameters (a CLIP text encoder)."""
+  text = config.model.get('text')
+  return bool(text) and str(text.get('encoder', '')) == 'clip'
+
+
+def make_optimizer(optim_config, *, frozen: bool = False) -> optax.GradientTransformation:
+  """clip_by_global_norm(grad_clip) -> Adam(lr schedule) (AdamW when weight_decay > 0).
+
+  With `frozen`, parameters under top-level names starting with FROZEN_PREFIX get zero
+  updates and no moments; the model stops their gradients, so clipping sees only the rest.
+  (Without it the state is the plain chain's, as every earlier checkpoint holds.)
+  """
+  tx = _trainable(optim_config)
+  if not frozen:
+    return tx
+  return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, _trainable_labels)
+
+
+def _trainable(optim_config) -> optax.GradientTransformation:
   lr = learning_rate_schedule(optim_config)
   adam_kwargs = dict(b1=float(optim_config.beta1), b2=float(optim_config.beta2),
                      eps=float(optim_config.eps))
@@ -69,13 +103,25 @@ def make_optimizer(optim_config) -> optax.GradientTransformation:
   return opt
 
 
-def create_train_state(config, model, key: jax.Array, params=None) -> TrainState:
+def create_train_state(config, model, key: jax.Array, params=None, *,
+                       pretrained: dict[str, PyTree] | None = None) -> TrainState:
   """A fresh state: params from `models.init_params` (or the given ones, e.g. a
-  distillation teacher's), EMA = params, step 0. Pure; jit it."""
+  distillation teacher's) with the top-level subtrees of `pretrained` put in (a frozen CLIP
+  text encoder's weights; each must match the initialised subtree's shapes), EMA = params,
+  step 0. Pure; jit it."""
   init_key, rng = jax.random.split(key)
   if params is None:
     params = models.init_params(model, init_key)
-  tx = make_optimizer(config.optim)
+  if pretrained:
+    params = dict(params)
+    for name, subtree in pretrained.items():
+      if name not in params:
+        raise ValueError(f'pretrained parameters {name!r}: the model has no such submodule')
+      expected = jax.tree.map(lambda a: a.shape, params[name])
+      if jax.tree.map(lambda a: a.shape, subtree) != expected:
+        raise ValueError(f'pretrained parameters {name!r} do not fit the model')
+      params[name] = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), subtree)
+  tx = make_optimizer(config.optim, frozen=has_frozen(config))
   timestep_state = None
   if config.diffusion.timestep_sampler == 'loss_aware':
     timestep_state = timesteps.loss_aware_timesteps(int(config.diffusion.num_timesteps)).init()

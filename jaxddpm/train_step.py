@@ -30,8 +30,8 @@ from jaxddpm import train_state
 
 
 def make_generic_train_step(loss_fn, optim_config, *,
-                            timestep_sampler: timesteps.TimestepSampler | None = None
-                            ) -> Callable:
+                            timestep_sampler: timesteps.TimestepSampler | None = None,
+                            frozen: bool = False) -> Callable:
   """Returns train_steps(state, batches) -> (state, metrics), pure and jit-able, for any
   objective `loss_fn(params, batch, key, timestep_state) -> (loss, metrics)`.
 
@@ -50,8 +50,9 @@ def make_generic_train_step(loss_fn, optim_config, *,
     The state after k steps, and metrics: dict of float32 [k] (the objective's scalar metrics,
     e.g. loss, mse and vb; grad_norm, lr, and finite: 1 when the loss, the gradient norm and the
     updated parameters are all finite), one entry per step.
+  `frozen`: the model holds frozen pretrained parameters (`train_state.make_optimizer`).
   """
-  tx = train_state.make_optimizer(optim_config)
+  tx = train_state.make_optimizer(optim_config, frozen=frozen)
   lr_schedule = train_state.learning_rate_schedule(optim_config)
   ema_decay = float(optim_config.ema_decay)
 
@@ -62,6 +63,8 @@ def make_generic_train_step(loss_fn, optim_config, *,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = optax.incremental_update(params, state.ema_params, step_size=1.0 - ema_decay)
+    if frozen:  # the average of a constant is that constant, without rounding
+      ema_params = train_state.keep_frozen(ema_params, params)
     timestep_state = state.timestep_state
     if timestep_sampler is not None and timestep_state is not None:
       timestep_state = timestep_sampler.update(timestep_state, aux['_t'], aux['_loss'])

@@ -111,7 +111,8 @@ def write_config(workdir: str, config) -> bool:
 _ADDED_KEYS = {
     'model': {'name': 'unet', 'text': {'encoder': '', 'width': 64, 'num_layers': 2,
                                        'num_heads': 4, 'caption_dropout': 0.1, 'clip_dir': '',
-                                       'vocab_size': 0, 'null_tokens': [0]}},
+                                       'vocab_size': 0, 'null_tokens': [0],
+                                       'clip_arch': ''}},
     'data': {'low_res_size': 0, 'photo_size': 128, 'image_width': 0, 'max_text_length': 16},
 }
 # Keys removed from the config that older runs' config.json still hold; they never changed
@@ -120,7 +121,11 @@ _REMOVED_KEYS = {'data': ('shuffle_buffer',)}
 
 
 def _comparable(section_name: str, section: dict) -> dict:
-  section = {**_ADDED_KEYS.get(section_name, {}), **section}
+  added = _ADDED_KEYS.get(section_name, {})
+  section = {**added, **section}
+  for key, value in added.items():  # a nested group saved before some of its keys existed
+    if isinstance(value, dict) and isinstance(section[key], dict):
+      section[key] = {**value, **section[key]}
   section = {k: v for k, v in section.items() if k not in _REMOVED_KEYS.get(section_name, ())}
   if section_name == 'data':
     return {k: v for k, v in section.items() if k not in _RELOCATABLE_DATA_FIELDS}

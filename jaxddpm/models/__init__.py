@@ -16,10 +16,11 @@ import flax.linen as nn
 import jax
 from jax.tree_util import Partial
 
+from jaxddpm.models.clip_text import CLIPTextConfig, CLIPTextTransformer
 from jaxddpm.models.text import TextConfig
 from jaxddpm.models.unet import UNet, UNetConfig
 
-__all__ = ['TextConfig', 'UNet', 'UNetConfig', 'register', 'model_names', 'config_class', 'create',
+__all__ = ['CLIPTextConfig', 'CLIPTextTransformer', 'TextConfig', 'UNet', 'UNetConfig', 'register', 'model_names', 'config_class', 'create',
            'init_params', 'make_model_fn']
 
 

@@ -15,6 +15,14 @@ transformer masks the padding too). Pooling is the masked mean, which exists for
 prompt, the empty one included ([BOS, EOS] has two real tokens).
 
 Shapes: tokens [B, L] int32 with L = max_length.
+
+With `TextConfig.clip` set, the encoder is instead a pretrained CLIP text tower
+(`clip_text.CLIPTextTransformer`, Radford et al. 2021), frozen: its parameters live under
+FROZEN_NAME (the optimizer leaves them alone, `train_state.FROZEN_PREFIX`) and its outputs
+are cut from the gradient. context = its last hidden states, attended to at every position
+(as Stable Diffusion and Imagen read a frozen encoder: the padding is the end-of-text token,
+which the causal tower has seen the whole prompt by), pooled = its projected EOS feature
+(the plain EOS feature without a projection).
 """
 
 from __future__ import annotations
@@ -23,6 +31,11 @@ import dataclasses
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from jaxddpm.models import clip_text
+
+# The frozen CLIP tower's parameter subtree (train_state.FROZEN_PREFIX + a name).
+FROZEN_NAME = 'frozen_clip_text'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +51,8 @@ class TextConfig:
     null_tokens: the tokenised empty prompt (length L): the null value of `cond['tokens']`
       for caption dropout and classifier-free guidance (GLIDE sec. 2.3).
     caption_dropout: the training probability that a caption becomes the empty prompt.
+    clip: a pretrained CLIP text tower to use, frozen, instead of the transformer (vocab_size
+      and max_length must fit it; width, num_layers and num_heads are then unused).
   """
   vocab_size: int
   max_length: int
@@ -47,6 +62,7 @@ class TextConfig:
   pad_id: int = 0
   null_tokens: tuple[int, ...] = ()
   caption_dropout: float = 0.1
+  clip: clip_text.CLIPTextConfig | None = None
 
   def __post_init__(self):
     object.__setattr__(self, 'null_tokens', tuple(int(t) for t in self.null_tokens))
@@ -56,7 +72,13 @@ class TextConfig:
     if len(self.null_tokens) != self.max_length:
       raise ValueError(f'text: null_tokens has {len(self.null_tokens)} tokens, max_length is '
                        f'{self.max_length}')
-    if self.width % self.num_heads:
+    if self.clip is not None:
+      if (self.vocab_size > self.clip.vocab_size
+          or self.max_length > self.clip.max_position_embeddings):
+        raise ValueError(f'text: vocab_size {self.vocab_size} / max_length {self.max_length} '
+                         f'exceed the CLIP tower\'s {self.clip.vocab_size} / '
+                         f'{self.clip.max_position_embeddings}')
+    elif self.width % self.num_heads:
       raise ValueError(f'text: width {self.width} does not split into {self.num_heads} heads')
 
 

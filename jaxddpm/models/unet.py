@@ -14,9 +14,11 @@ import dataclasses
 from typing import Mapping, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jaxddpm.diffusion import superres
+from jaxddpm.models import clip_text
 from jaxddpm.models import conditioning
 from jaxddpm.models import layers
 from jaxddpm.models import text as text_lib
@@ -55,7 +57,8 @@ class UNetConfig:
       (GLIDE sec. 2.3) reading cond['tokens'] [B, L]; its token features are attended to by
       a `layers.CrossAttnBlock` after every self-attention block (mid included) and its
       pooled feature, projected, is added to the time embedding (Imagen sec. 2.2). A
-      missing 'tokens' means the empty prompt.
+      missing 'tokens' means the empty prompt. With `text.clip`, the encoder is that frozen
+      pretrained CLIP tower instead (parameters under `text.FROZEN_NAME`).
     context_dim, pooled_dim: > 0 for a model conditioned on features computed outside it
       (a frozen CLIP text encoder): cond['context'] [B, L, context_dim] with
       cond['context_mask'] [B, L], and cond['pooled'] [B, pooled_dim]. Their null value is
@@ -272,7 +275,14 @@ class UNet(nn.Module):
       if tokens is None:  # the empty prompt, as a missing label is the null class
         tokens = jnp.broadcast_to(jnp.asarray(cfg.text.null_tokens, jnp.int32),
                                   (batch, cfg.text.max_length))
-      return text_lib.TextTransformer(cfg.text, dtype, name='text')(tokens)
+      if cfg.text.clip is None:
+        return text_lib.TextTransformer(cfg.text, dtype, name='text')(tokens)
+      last, pooled, projected = clip_text.CLIPTextTransformer(
+          cfg.text.clip, dtype, name=text_lib.FROZEN_NAME)(tokens)
+      pooled = pooled if projected is None else projected
+      # Frozen: no gradient reaches the pretrained tower (its optimizer updates are zero too).
+      return (jax.lax.stop_gradient(last), jnp.ones(tokens.shape, bool),
+              jax.lax.stop_gradient(pooled))
     if cfg.context_dim > 0:
       pooled = cond.get('pooled')
       if cfg.pooled_dim > 0 and pooled is None:
