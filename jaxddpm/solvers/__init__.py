@@ -15,6 +15,10 @@ Modules:
   inpainting  `replacement(solver, known, mask)`, a step wrapper; `masked_psnr`
   repaint     `repaint.make_plan(solver, jump_length, resample)`, a plan-level wrapper
   guidance    `classifier_free_guidance(model_fn, w, cond_spec)`, a model_fn wrapper
+  classifier_guidance  `classifier_guided(model_fn, classifier_fn, schedule, s)` (eps shift,
+              a model_fn wrapper) and `classifier_mean_shift(ddpm_solver, classifier_fn, s)`
+  composition `compose(model_fn, weights, cond_spec)`: AND / NOT of conditions, a model_fn wrapper
+  correctors  `with_correctors(solver, 'ula' | 'hmc', num_steps=K)`: MCMC at every level
 
 Indices are 0-based as in `jaxddpm.schedules` (index t is the paper's t+1). `num_steps` is
 the number of model evaluations (NFE) of every solver. DDPM and DDIM with fewer steps than
@@ -29,6 +33,9 @@ from __future__ import annotations
 
 from jaxddpm import schedules as schedules_lib
 from jaxddpm.solvers import base
+from jaxddpm.solvers import classifier_guidance
+from jaxddpm.solvers import composition
+from jaxddpm.solvers import correctors
 from jaxddpm.solvers import ddim
 from jaxddpm.solvers import ddpm
 from jaxddpm.solvers import dpm_solver
@@ -40,6 +47,9 @@ from jaxddpm.solvers import multistep
 from jaxddpm.solvers import repaint
 from jaxddpm.solvers import time_grids
 from jaxddpm.solvers import unipc
+from jaxddpm.solvers.classifier_guidance import classifier_guided, classifier_mean_shift
+from jaxddpm.solvers.composition import compose, stack_conditions
+from jaxddpm.solvers.correctors import with_correctors
 from jaxddpm.solvers.driver import OP_SKIP, OP_STEP, Plan, State, make_plan, run_chunk, sample
 from jaxddpm.solvers.guidance import classifier_free_guidance
 from jaxddpm.solvers.inpainting import masked_psnr
@@ -170,5 +180,7 @@ __all__ = [
     'SOLVERS', 'FEW_STEP_SOLVERS', 'OPTIONS', 'NEUTRAL', 'make_solver', 'check_options', 'min_steps',
     'spacings', 'base', 'ddim', 'ddpm', 'dpm_solver', 'driver', 'guidance', 'heun',
     'inpainting', 'multistep', 'repaint', 'time_grids', 'unipc', 'OP_SKIP', 'OP_STEP', 'Plan', 'State', 'make_plan', 'run_chunk', 'sample',
-    'classifier_free_guidance', 'masked_psnr',
+    'classifier_free_guidance', 'masked_psnr', 'classifier_guidance', 'composition',
+    'correctors', 'classifier_guided', 'classifier_mean_shift', 'compose', 'stack_conditions',
+    'with_correctors',
 ]
