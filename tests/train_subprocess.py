@@ -81,8 +81,8 @@ def _nan_update_at(nan_step):
     del params
     return jax.tree.map(lambda u: u * poison(count), updates), count + 1
 
-  def with_nan_update(optim_config):
-    return optax.chain(make_optimizer(optim_config), optax.GradientTransformation(
+  def with_nan_update(optim_config, **kwargs):
+    return optax.chain(make_optimizer(optim_config, **kwargs), optax.GradientTransformation(
         lambda params: jnp.zeros((), jnp.int32), update))
 
   train_state.make_optimizer = with_nan_update
