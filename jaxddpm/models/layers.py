@@ -297,6 +297,14 @@ class ResBlock(nn.Module):
     return x + h
 
 
+def _head_split(c: int, num_heads: int, num_head_channels: int, what: str) -> tuple[int, int]:
+  """(heads, d): num_head_channels > 0 fixes d (heads = c // d), else num_heads fixes heads."""
+  heads = c // num_head_channels if num_head_channels > 0 else num_heads
+  if heads < 1 or c % heads:
+    raise ValueError(f'{what}: {c} channels do not split into {heads} heads')
+  return heads, c // heads
+
+
 class AttnBlock(nn.Module):
   """Self-attention over the H*W positions (DDPM Appendix B; Wang et al. 2018).
 
@@ -318,10 +326,7 @@ class AttnBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     b, hgt, wid, c = x.shape
-    heads = c // self.num_head_channels if self.num_head_channels > 0 else self.num_heads
-    if c % heads:
-      raise ValueError(f'attention: {c} channels do not split into {heads} heads')
-    d = c // heads
+    heads, d = _head_split(c, self.num_heads, self.num_head_channels, 'attention')
     n = group_norm(self.norm_groups, self.norm_eps, self.dtype, name='norm')(x)
     n = n.reshape(b, hgt * wid, c)
     q, k, v = (_dense(c, name, dtype=self.dtype)(n).reshape(b, hgt * wid, heads, d)
@@ -356,10 +361,7 @@ class CrossAttnBlock(nn.Module):
   @nn.compact
   def __call__(self, x, context, mask):
     b, hgt, wid, c = x.shape
-    heads = c // self.num_head_channels if self.num_head_channels > 0 else self.num_heads
-    if c % heads:
-      raise ValueError(f'cross-attention: {c} channels do not split into {heads} heads')
-    d = c // heads
+    heads, d = _head_split(c, self.num_heads, self.num_head_channels, 'cross-attention')
     length = context.shape[1]
     n = group_norm(self.norm_groups, self.norm_eps, self.dtype, name='norm')(x)
     q = _dense(c, 'q', dtype=self.dtype)(n.reshape(b, hgt * wid, c)).reshape(b, -1, heads, d)

@@ -113,6 +113,24 @@ def respaced(schedule: schedules_lib.Schedule, num_steps: int | None,
   return schedules_lib.respace(schedule, use)
 
 
+class Wrapped:
+  """A solver wrapper (inpainting, classifier mean shift, correctors): a dataclass with a
+  `solver` field whose grid, multistep flag and evaluations it reports as its own (a
+  wrapper that adds evaluations overrides `nfe`). No fields of its own."""
+
+  @property
+  def grid(self) -> 'Grid':
+    return self.solver.grid
+
+  @property
+  def multistep(self) -> bool:
+    return self.solver.multistep
+
+  @property
+  def nfe(self) -> int:
+    return self.solver.nfe
+
+
 @flax.struct.dataclass
 class Denoising:
   """What every solver of this package shares: the schedule it indexes and how a model output

@@ -154,7 +154,7 @@ def classifier_guided(model_fn, classifier_fn, schedule: schedules_lib.Schedule,
 
 
 @flax.struct.dataclass
-class MeanShift:
+class MeanShift(base.Wrapped):
   """Ancestral DDPM with the classifier's mean shift (Dhariwal & Nichol 2021, Algorithm 1):
 
     x_{t-1} = mu + s Sigma grad_x log p_phi(y | x_t, t) + sigma_t z,   Sigma = sigma_t^2,
@@ -170,18 +170,6 @@ class MeanShift:
   classifier_fn: Any
   scale: jax.Array
   label_key: str = flax.struct.field(pytree_node=False)
-
-  @property
-  def grid(self) -> base.Grid:
-    return self.solver.grid
-
-  @property
-  def multistep(self) -> bool:
-    return self.solver.multistep
-
-  @property
-  def nfe(self) -> int:
-    return self.solver.nfe
 
   def init(self, x_T: jax.Array, key: jax.Array) -> base.SolverState:
     return self.solver.init(x_T, key)

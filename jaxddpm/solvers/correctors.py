@@ -75,7 +75,7 @@ def score(solver, model_fn, x: jax.Array, j, cond) -> jax.Array:
 
 
 @flax.struct.dataclass
-class Corrected:
+class Corrected(base.Wrapped):
   """A single-step solver with K MCMC steps at each noise level it reaches (see the module
   docstring). Build with `with_correctors`.
 
@@ -88,14 +88,6 @@ class Corrected:
   method: str = flax.struct.field(pytree_node=False)
   num_steps: int = flax.struct.field(pytree_node=False)
   num_leapfrog: int = flax.struct.field(pytree_node=False)
-
-  @property
-  def grid(self) -> base.Grid:
-    return self.solver.grid
-
-  @property
-  def multistep(self) -> bool:
-    return self.solver.multistep
 
   @property
   def evaluations_per_level(self) -> int:

@@ -20,7 +20,7 @@ from jaxddpm.solvers import base
 
 
 @flax.struct.dataclass
-class Inpainting:
+class Inpainting(base.Wrapped):
   """A solver whose samples keep `known` where mask = 1. Build with `replacement`.
 
   solver: the wrapped solver. known: float32 in [-1, 1], broadcastable to x [B, ...] (one
@@ -30,18 +30,6 @@ class Inpainting:
   solver: Any
   known: jax.Array
   mask: jax.Array
-
-  @property
-  def grid(self) -> base.Grid:
-    return self.solver.grid
-
-  @property
-  def multistep(self) -> bool:
-    return self.solver.multistep
-
-  @property
-  def nfe(self) -> int:
-    return self.solver.nfe
 
   def _replace(self, x: jax.Array, point, key: jax.Array) -> jax.Array:
     """x with its known region a draw of q(x_point | known) (DDPM eq. 4)."""
