@@ -12,6 +12,10 @@ JSON line. A mistake ends as one line `run_sample.py: error: ...` and exit 1.
   python run_sample.py --workdir=runs/digits --solver=heun --steps=19 --s_churn=10
   python run_sample.py --workdir=runs/cifar --inpaint_image=img.png --inpaint_mask=mask.png
   python run_sample.py --workdir=runs/digits --num_samples=1000 --metrics=fid,is,kid,bpd
+  python run_sample.py --workdir=runs/digits --classifier_workdir=runs/digits_clf \
+      --class_label=3 --classifier_scale=4                           # classifier guidance
+  python run_sample.py --workdir=runs/digit_pairs_compose --prompt="a 3 on the left" \
+      --prompt="a 7 on the right" --prompt_weights=3,3               # AND of two prompts
   python run_sample.py --workdir=runs/base --sr_workdir=runs/sr      # a cascade
   python run_sample.py --sr_workdir=runs/sr --low_res_images=DIR     # upscale a folder
   python run_sample.py --sr_workdir=runs/sr --sr_samples_per_input=8 # held-out SR metrics
@@ -63,12 +67,26 @@ _INPAINT_JUMP = flags.DEFINE_integer('inpaint_jump_length', 10, 'RePaint jump le
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Where to write the samples.')
 _SAVE_INDIVIDUAL = flags.DEFINE_bool('save_individual', False, 'Also write one PNG per sample.')
 # --- text-to-image (jaxddpm.prompts) ---
-_PROMPT = flags.DEFINE_string('prompt', None, 'Text models: the prompt of every sample.')
+_PROMPT = flags.DEFINE_multi_string(
+    'prompt', [], 'Text models: the prompt of every sample; repeated, the prompts are '
+    'composed (AND; see --prompt_weights).')
+_PROMPT_WEIGHTS = flags.DEFINE_list(
+    'prompt_weights', None, 'Weights of the repeated --prompt (default 1 each; negative: NOT).')
 _PROMPTS_FILE = flags.DEFINE_string(
     'prompts_file', None, 'Text models: one prompt a line; the i-th sample answers line i '
     '(--num_samples defaults to the line count).')
 _NEGATIVE_PROMPT = flags.DEFINE_string('negative_prompt', None,
                                        'Text models: what guidance steers away from.')
+# --- controllable generation (jaxddpm.control) ---
+_CLASSIFIER_WORKDIR = flags.DEFINE_string(
+    'classifier_workdir', None, 'A noisy classifier run (configs/digits_classifier.py) that '
+    'guides sampling toward --class_label (random classes without it).')
+_CLASSIFIER_SCALE = flags.DEFINE_float('classifier_scale', None,
+                                       'Classifier guidance scale s (default 1).')
+_COMPOSE_LABELS = flags.DEFINE_list('compose_labels', None,
+                                    'Class-conditional models: labels to compose, e.g. 3,7.')
+_LABEL_WEIGHTS = flags.DEFINE_list('label_weights', None,
+                                   'Weights of --compose_labels (default 1 each; negative: NOT).')
 # --- super-resolution (jaxddpm.cascade) ---
 _SR_WORKDIR = flags.DEFINE_multi_string(
     'sr_workdir', [], 'Super-resolution run(s), in cascade order. Alone: upscale '
@@ -127,7 +145,7 @@ def main(argv):
         inpaint_image=_INPAINT_IMAGE.value, inpaint_mask=_INPAINT_MASK.value,
         inpaint_resample=_INPAINT_RESAMPLE.value, inpaint_jump_length=_INPAINT_JUMP.value,
         output_dir=_OUTPUT_DIR.value, save_individual=_SAVE_INDIVIDUAL.value,
-        prompts=prompts, negative_prompt=_NEGATIVE_PROMPT.value)
+        prompts=prompts, negative_prompt=_NEGATIVE_PROMPT.value, control=_control(sample))
     metrics = None
     if _METRICS.value:
       metrics = evaluation.evaluate_run(
@@ -149,12 +167,26 @@ def main(argv):
 def _prompts(sample) -> tuple[list[str] | None, int | None]:
   """(--prompt or --prompts_file's prompts, the number of samples)."""
   from jaxddpm import prompts  # pylint: disable=g-import-not-at-top
-  if _PROMPT.value is not None and _PROMPTS_FILE.value:
+  if _PROMPT.value and _PROMPTS_FILE.value:
     raise sample.SampleError('give --prompt or --prompts_file, not both')
   if _PROMPTS_FILE.value:
     lines = prompts.read_prompts_file(_PROMPTS_FILE.value)
     return lines, _NUM_SAMPLES.value if _NUM_SAMPLES.value is not None else len(lines)
-  return (None if _PROMPT.value is None else [_PROMPT.value]), _NUM_SAMPLES.value
+  return (list(_PROMPT.value) or None), _NUM_SAMPLES.value
+
+
+def _control(sample) -> dict:
+  """The controllable-generation arguments (`jaxddpm.control`)."""
+  labels = None
+  if _COMPOSE_LABELS.value:
+    try:
+      labels = [int(v) for v in _COMPOSE_LABELS.value]
+    except ValueError:
+      raise sample.SampleError(f'--compose_labels={",".join(_COMPOSE_LABELS.value)}: give '
+                               'comma-separated integers, e.g. 3,7') from None
+  return dict(classifier_workdir=_CLASSIFIER_WORKDIR.value,
+              classifier_scale=_CLASSIFIER_SCALE.value, prompt_weights=_PROMPT_WEIGHTS.value,
+              compose_labels=labels, label_weights=_LABEL_WEIGHTS.value)
 
 
 def _fail(message) -> None:

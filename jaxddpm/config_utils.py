@@ -168,6 +168,11 @@ def _validate_data(d):
       _fail(f'{p}.photo_size', size, f'must be >= data.image_size = {d.image_size}')
   if 'image_width' in d:
     _int(d, 'image_width', p, 0)
+  if 'half_captions' in d:
+    rate = float(d.half_captions)
+    if not 0.0 <= rate <= 1.0:
+      _fail(f'{p}.half_captions', rate, 'must be in [0, 1] (the share of one-sided '
+            'digit_pairs captions)')
   if 'max_text_length' in d:
     _int(d, 'max_text_length', p, 2)  # [BOS, EOS] at least
   if d.get('dataset') == 'digit_pairs' and d.get('random_flip'):
@@ -225,6 +230,12 @@ def _validate_model(m, data):
     _choice(m, 'downsample_padding', p, DOWNSAMPLE_PADDINGS)
   if 'text' in m:
     _validate_text(m.text)
+  if m.get('name') == 'noisy_classifier':
+    if int(m.get('num_classes', 0)) < 2:
+      _fail(f'{p}.num_classes', m.get('num_classes', 0), 'a noisy classifier needs the '
+            "data set's labels: give model.num_classes >= 2")
+    if 'pool' in m:
+      _choice(m, 'pool', p, ('attention', 'mean'))
   if ch_mult is None:
     return
   if 'ch' in m:
@@ -368,5 +379,9 @@ def validate_config(config) -> None:
   if 'sampling' in config:
     distilled = int(config.get('distill', {}).get('round_steps', 0)) > 0
     _validate_sampling(config.sampling, num_timesteps, distilled)
+  if ('model' in config and config.model.get('name') == 'noisy_classifier' and 'training' in config
+      and int(config.training.get('sample_every', 0)) > 0):
+    _fail('training.sample_every', config.training.sample_every, 'a noisy classifier draws '
+          'no samples: set it to 0')
   if 'seed' in config and not (_is_int(config.seed) and 0 <= config.seed <= MAX_SEED):
     _fail('seed', config.seed, 'must be an integer in [0, 2**32 - 1]')

@@ -124,8 +124,27 @@ def low_res_size(config) -> int:
   return int(config.data.get('low_res_size', 0))
 
 
+def _classifier_config(config) -> models.ClassifierConfig:
+  """The noisy classifier's config (`models.ClassifierConfig`): the U-Net's fields of
+  config.model for its encoder half, K = model.num_classes, pool = model.pool."""
+  m = config.model
+  return models.ClassifierConfig(
+      image_size=int(config.data.image_size), image_width=int(config.data.get('image_width', 0)),
+      in_channels=int(config.data.channels), num_classes=int(m.num_classes), ch=m.ch,
+      ch_mult=m.ch_mult, num_res_blocks=m.num_res_blocks, attn_resolutions=m.attn_resolutions,
+      dropout=m.dropout, num_heads=m.num_heads, num_head_channels=m.get('num_head_channels', 0),
+      resamp_with_conv=m.resamp_with_conv, norm_groups=m.norm_groups, norm_eps=m.norm_eps,
+      dtype=m.dtype, pool=str(m.get('pool', 'attention')),
+      pool_head_channels=int(m.get('pool_head_channels', 64)))
+
+
 # One builder per registered model name: config.model (+ data, diffusion) -> its typed config.
-_MODEL_CONFIGS = {'unet': _unet_config}
+_MODEL_CONFIGS = {'unet': _unet_config, 'noisy_classifier': _classifier_config}
+
+
+def is_classifier(config) -> bool:
+  """Whether the run trains a noisy classifier (model.name 'noisy_classifier'), not a denoiser."""
+  return model_name(config) == 'noisy_classifier'
 
 
 def model_config(config):
@@ -146,7 +165,8 @@ def create_model(config) -> nn.Module:
 
 
 def objective(config, model: nn.Module, schedule: schedules.Schedule):
-  """config.diffusion's denoising objective for `model`: (loss_fn, timestep_sampler).
+  """config.diffusion's denoising objective for `model`, or a noisy classifier's
+  cross-entropy (`objectives.classifier_objective`): (loss_fn, timestep_sampler).
 
   loss_fn(params, batch, key, timestep_state) -> (loss, metrics), as
   `train_step.make_generic_train_step` takes it. Conditioning dropout (e.g. labels
@@ -160,6 +180,8 @@ def objective(config, model: nn.Module, schedule: schedules.Schedule):
   num_timesteps = schedule.num_timesteps
   sampler = (timesteps.loss_aware_timesteps(num_timesteps) if d.timestep_sampler == 'loss_aware'
              else timesteps.uniform_timesteps(num_timesteps))
+  if is_classifier(config):
+    return objectives.classifier_objective(apply_fn, schedule, timestep_sampler=sampler), sampler
   loss_fn = objectives.denoising_objective(
       apply_fn, schedule, **diffusion_types(config),
       weighting=d.get('weighting', 'uniform'), min_snr_gamma=float(d.get('min_snr_gamma', 5.0)),

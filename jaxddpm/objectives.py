@@ -320,3 +320,54 @@ def denoising_objective(apply_fn: ApplyFn, schedule: Schedule, *, model_mean_typ
     return loss, metrics
 
   return loss_fn
+
+
+# --- The noisy classifier's objective -----------------------------------------------------------
+
+
+def classifier_objective(apply_fn: ApplyFn, schedule: Schedule, *, label_key: str = 'label',
+                         timestep_sampler: Optional[timesteps.TimestepSampler] = None) -> LossFn:
+  """Cross-entropy of a noisy classifier p_phi(y | x_t, t) (Dhariwal & Nichol 2021, sec. 4):
+
+    L = E_{t, eps} [-log p_phi(y | x_t, t)],  x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps,
+
+  t uniform on {0..T-1} (guided-diffusion's classifier_train.py draws t from its uniform
+  sampler over the whole schedule), so the classifier's gradient is defined at every noise
+  level a guided sampler visits.
+
+  Randomness: (t_key, noise_key, dropout_key) = split(key, 3), as `denoising_objective`.
+
+  Args:
+    apply_fn: apply_fn(params, x_t, t, cond, key) -> logits [B, K], the classifier in
+      training mode; t is the original timestep (schedule.timestep_map[t]).
+    schedule: the schedule the classifier's guided model was trained with.
+    label_key: the key of y, int [B] in [0, K), in batch['cond'].
+    timestep_sampler: None is `timesteps.uniform_timesteps(T)`.
+
+  Returns:
+    loss_fn(params, batch, key, timestep_state=None) -> (loss, metrics): 'loss' (mean
+    cross-entropy, nats), 'accuracy' (argmax = y), and '_t', '_loss' per example for the
+    sampler (as `denoising_objective`).
+  """
+  sampler = timestep_sampler or timesteps.uniform_timesteps(schedule.num_timesteps)
+
+  def loss_fn(params, batch, key, timestep_state=None):
+    cond = batch.get('cond', {})
+    if label_key not in cond:
+      raise ValueError(f'a classifier trains on labels: batch["cond"][{label_key!r}] is '
+                       f'missing (cond has {sorted(cond) or "no keys"})')
+    y = cond[label_key].astype(jnp.int32)
+    x_start = _float(batch['x'])
+    t_key, noise_key, dropout_key = jax.random.split(key, 3)
+    t, importance = sampler.sample(t_key, timestep_state, x_start.shape[0])
+    noise = jax.random.normal(noise_key, x_start.shape, jnp.float32)
+    x_t = diffusion.q_sample(schedule, x_start, t, noise)
+    logits = _float(apply_fn(params, x_t, schedule.timestep_map[t], {}, dropout_key))
+    log_p = jax.nn.log_softmax(logits)
+    per_example = -jnp.take_along_axis(log_p, y[:, None], axis=1)[:, 0]
+    loss = jnp.mean(per_example * importance)
+    accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == y).astype(jnp.float32))
+    return loss, {'loss': loss, 'accuracy': accuracy, '_t': t,
+                  '_loss': jax.lax.stop_gradient(per_example)}
+
+  return loss_fn

@@ -99,6 +99,11 @@ def save_tokenizer(config, workdir: str, tokenizer) -> None:
       raise PromptError(f'cannot write the tokenizer {path}: {e}') from None
 
 
+def load_tokenizer(config, workdir: str):
+  """The run's tokenizer (WORKDIR/tokenizer.json); PromptError when missing or unreadable."""
+  return _load(tokenizer_path(config, workdir))
+
+
 def _load(path: str):
   if not os.path.exists(path):
     raise PromptError(f'{path} is missing: this text-to-image run has no tokenizer')

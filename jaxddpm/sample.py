@@ -22,12 +22,12 @@ import functools
 import math
 from typing import Any, NamedTuple
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxddpm import checkpoint
+from jaxddpm import control
 from jaxddpm import distill_layout
 from jaxddpm import factories
 from jaxddpm import images as images_lib
@@ -37,6 +37,7 @@ from jaxddpm import prompts as prompts_lib
 from jaxddpm import runs
 from jaxddpm import runtime
 from jaxddpm import sample_io
+from jaxddpm import sample_options
 from jaxddpm import solvers
 from jaxddpm.diffusion import superres
 from jaxddpm.sample_io import SampleError
@@ -54,74 +55,8 @@ def _read_config(workdir: str):
   return config
 
 
-def _solver_settings(config, *, solver, sampler, steps, eta, solver_options) -> dict:
-  """`factories.solver_settings` of the arguments, checked by building the solver once
-  (host-side, cheap), so that a bad option fails before any loading or compiling."""
-  if solver is not None and sampler is not None and solver != sampler:
-    raise SampleError(f'solver = {solver!r} and sampler = {sampler!r}: sampler is the old name '
-                      'of solver; give one')
-  name = solver if solver is not None else sampler
-  options = dict(solver_options or {}, eta=eta)
-  num_timesteps = config.diffusion.num_timesteps
-  distilled = factories.is_distilled(config)
-  if distilled and name not in (None, 'ddim'):
-    raise SampleError(f'solver = {name!r}: a distilled student samples with its own DDIM '
-                      'steps (leave --solver unset)')
-  try:
-    settings = factories.solver_settings(config, solver=name, steps=steps, **options)
-    # Two, not one: a respaced schedule keeps at least two timesteps (`schedules.respace`);
-    # a distilled student takes exactly its round's steps (checked by its solver).
-    if not (distilled or 2 <= settings['steps'] <= num_timesteps):
-      raise SampleError(f'steps = {settings["steps"]} must be in [2, {num_timesteps}] (the run '
-                        f'was trained with {num_timesteps} diffusion timesteps)')
-    if not 0.0 <= settings.get('eta', 0.0) <= 1.0:
-      raise SampleError(f'eta = {settings["eta"]} must be in [0, 1]')
-    built = factories.make_solver(config, settings)
-  except ValueError as e:
-    raise SampleError(str(e)) from None
-  settings.update(nfe=built.nfe, grid_steps=built.grid.num_steps, multistep=built.multistep)
-  return settings
-
-
-def _resolve(config, *, solver, sampler, steps, eta, solver_options, num_samples, batch_size,
-             seed, class_label, guidance_scale, mesh_size) -> dict[str, Any]:
-  """Arguments over config.sampling defaults, validated."""
-  s = config.sampling
-  opts = dict(
-      settings=_solver_settings(config, solver=solver, sampler=sampler, steps=steps, eta=eta,
-                                solver_options=solver_options),
-      num_samples=num_samples if num_samples is not None else s.num_samples,
-      batch_size=batch_size if batch_size is not None else s.batch_size,
-      seed=seed if seed is not None else config.seed,
-      guidance_scale=float(guidance_scale if guidance_scale is not None
-                           else s.get('guidance_scale', 0.0)),
-      class_label=class_label)
-  opts.update(solver=opts['settings']['solver'], steps=opts['settings']['steps'])
-  num_classes = int(config.model.num_classes)
-  for name in ('num_samples', 'batch_size'):
-    if opts[name] < 1:
-      raise SampleError(f'{name} = {opts[name]} must be positive')
-  if class_label is not None:
-    if num_classes == 0:
-      raise SampleError(f'class_label = {class_label} given, but the model is unconditional '
-                        '(model.num_classes = 0)')
-    if not 0 <= class_label < num_classes:
-      raise SampleError(f'class_label = {class_label} is out of range [0, {num_classes})')
-  if opts['guidance_scale'] < 0:
-    raise SampleError(f'guidance_scale = {opts["guidance_scale"]} must be >= 0')
-  spec = factories.create_model(config).config.cond_spec()
-  guided = [k for k, kind in spec.items() if kind.guided]
-  if opts['guidance_scale'] > 0 and not guided:
-    raise SampleError('classifier-free guidance needs a conditional model (class labels or '
-                      'text); this one is unconditional')
-  if opts['guidance_scale'] > 0 and not any(spec[k].dropout > 0 for k in guided):
-    logging.warning('guidance_scale > 0, but the model was trained without condition dropout '
-                    '(model.class_dropout / text.caption_dropout = 0): its null prediction '
-                    'is untrained.')
-  # Every device gets the same share of a batch; round up, the extra samples are dropped.
-  batch = min(opts['batch_size'], opts['num_samples'])
-  opts['batch_size'] = math.ceil(batch / mesh_size) * mesh_size
-  return opts
+_solver_settings = sample_options.solver_settings
+_resolve = sample_options.resolve
 
 
 def _state_shardings(abstract_state, mesh) -> Any:
@@ -180,7 +115,7 @@ def generate(config, params, *, num_samples: int, solver: str | None = None,
              progress: bool = False, mesh=None, sampler: str | None = None,
              solver_options: dict | None = None, low_res=None,
              aug_level: float | None = None, prompts=None, negative_prompt: str | None = None,
-             tokenizer=None) -> dict[str, Any]:
+             tokenizer=None, control: dict | None = None) -> dict[str, Any]:
   """Samples of the network `config` describes with `params` (no workdir needed).
 
   Arguments as `sample_run`'s (None: config.sampling's); `key`, when given, replaces
@@ -195,14 +130,12 @@ def generate(config, params, *, num_samples: int, solver: str | None = None,
   global arrays).
   """
   mesh = parallel.make_mesh() if mesh is None else mesh
-  opts = _resolve(config, solver=solver, sampler=sampler, steps=steps, eta=eta,
-                  solver_options=solver_options, num_samples=num_samples,
-                  batch_size=batch_size, seed=seed, class_label=class_label,
-                  guidance_scale=guidance_scale, mesh_size=mesh.size)
+  opts = _options(config, None, control, prompts, negative_prompt, tokenizer, solver=solver,
+                  sampler=sampler, steps=steps, eta=eta, solver_options=solver_options,
+                  num_samples=num_samples, batch_size=batch_size, seed=seed,
+                  class_label=class_label, guidance_scale=guidance_scale, mesh_size=mesh.size)
   opts['key'] = key
   opts.update(sample_io.low_res_inputs(config, low_res, aug_level, opts['num_samples']))
-  opts.update(prompts_lib.prompt_inputs(config, None, prompts, negative_prompt, opts,
-                                        tokenizer=tokenizer))
   return _sample(config, params, opts, step=None, inpainting=None, inpaint_resample=1,
                  inpaint_jump_length=10, progress=progress, mesh=mesh)
 
@@ -240,7 +173,8 @@ def sample_run(workdir: str, *, solver: str | None = None, steps: int | None = N
                inpaint_resample: int = 1, inpaint_jump_length: int = 10,
                output_dir: str | None = None, save_individual: bool = False,
                progress: bool = True, mesh=None, prompts=None,
-               negative_prompt: str | None = None) -> dict[str, Any]:
+               negative_prompt: str | None = None, control: dict | None = None
+               ) -> dict[str, Any]:
   """Samples from the latest checkpoint (EMA parameters) of the run in `workdir`.
 
   Args (None: the run's config.sampling value, and config.seed):
@@ -265,7 +199,13 @@ def sample_run(workdir: str, *, solver: str | None = None, steps: int | None = N
     mesh: a 1-D 'data' mesh (default `parallel.make_mesh()`, all devices).
     prompts, negative_prompt: text models: one prompt for every sample or one per sample
       (None: the empty prompt), and the prompt guidance steers away from (guidance_scale
-      > 0); stored in samples.npz ('prompts').
+      > 0); stored in samples.npz ('prompts'). Several prompts with control's prompt_weights
+      are composed instead (`jaxddpm.control`).
+    control: controllable generation (`jaxddpm.control`), a dict of any of
+      classifier_workdir (a noisy classifier run that guides toward class_label, random
+      classes when None) and classifier_scale (s, default 1); prompt_weights (one weight per
+      prompt: AND for positive, NOT for negative weights); compose_labels (labels composed
+      like prompts) and label_weights.
 
   Returns:
     dict(images uint8 [N, H, W, C], samples float32 [N, H, W, C] in [-1, 1] (unclipped),
@@ -277,12 +217,11 @@ def sample_run(workdir: str, *, solver: str | None = None, steps: int | None = N
   workdir = _round(workdir, steps)
   config = _read_config(workdir)
   mesh = parallel.make_mesh() if mesh is None else mesh
-  opts = _resolve(config, solver=solver, sampler=sampler, steps=steps, eta=eta,
-                  solver_options=solver_options, num_samples=num_samples,
-                  batch_size=batch_size, seed=seed, class_label=class_label,
-                  guidance_scale=guidance_scale, mesh_size=mesh.size)
+  opts = _options(config, workdir, control, prompts, negative_prompt, None, solver=solver,
+                  sampler=sampler, steps=steps, eta=eta, solver_options=solver_options,
+                  num_samples=num_samples, batch_size=batch_size, seed=seed,
+                  class_label=class_label, guidance_scale=guidance_scale, mesh_size=mesh.size)
   opts.update(sample_io.low_res_inputs(config, None, None, opts['num_samples']))
-  opts.update(prompts_lib.prompt_inputs(config, workdir, prompts, negative_prompt, opts))
   repaint = dict(inpaint_resample=inpaint_resample, inpaint_jump_length=inpaint_jump_length)
   inpainting = sample_io.inpainting_inputs(config, opts['settings'], inpaint_image, inpaint_mask,
                                   **repaint)
@@ -301,24 +240,52 @@ def sample_run(workdir: str, *, solver: str | None = None, steps: int | None = N
     raise
   result['output_dir'] = output_dir
   result['prompts'] = opts['prompts']
+  result['compose_weights'] = opts.get('compose_weights')
+  result['compose_prompts'] = opts.get('compose_prompts')
   if parallel.is_main_process():
     sample_io.write_outputs(output_dir, result, save_individual=save_individual)
   return result
 
 
-def _model_fn(config, params, guidance_scale: float, rep):
-  """The network over replicated params, guided when guidance_scale > 0."""
+def _options(config, workdir, control_args, prompts, negative_prompt, tokenizer, **kwargs):
+  """`sample_options.resolve` of the arguments, with the prompts' tokens, composed
+  conditions and classifier (`jaxddpm.control`) of `control_args`."""
+  c = dict(control_args or {})
+  unknown = sorted(set(c) - set(control.ARGS))
+  if unknown:
+    raise SampleError(f'unknown control arguments {unknown}; expected some of {control.ARGS}')
+  opts = _resolve(config, classifier_workdir=c.get('classifier_workdir'),
+                  classifier_scale=c.get('classifier_scale'), **kwargs)
+  composed = control.composition_inputs(
+      config, workdir, prompts=prompts, prompt_weights=c.get('prompt_weights'),
+      labels=c.get('compose_labels'), label_weights=c.get('label_weights'),
+      negative_prompt=negative_prompt, guidance_scale=opts['guidance_scale'],
+      num_samples=opts['num_samples'], tokenizer=tokenizer)
+  if composed:
+    opts.update(dict(tokens=None, negative_tokens=None), **composed)
+  else:
+    opts.update(prompts_lib.prompt_inputs(config, workdir, prompts, negative_prompt, opts,
+                                          tokenizer=tokenizer))
+  return opts
+
+
+def _model_fn(config, params, opts, rep):
+  """The network over replicated params: composed, or guided when guidance_scale > 0, and
+  classifier-guided outermost (`jaxddpm.control`)."""
   model = factories.create_model(config)
   model_fn = models.make_model_fn(model, jax.device_put(params, rep))
-  if guidance_scale > 0:
-    model_fn = solvers.classifier_free_guidance(model_fn, guidance_scale,
+  if opts.get('compose_weights') is not None:
+    model_fn = control.compose_model_fn(config, model_fn, opts)
+  elif opts['guidance_scale'] > 0:
+    model_fn = solvers.classifier_free_guidance(model_fn, opts['guidance_scale'],
                                                 model.config.cond_spec())
-  return model_fn
+  # The classifier's parameters, replicated like the model's.
+  return jax.device_put(control.guide_model_fn(config, model_fn, opts), rep)
 
 
 def _plan(config, opts, inpainting, resample: int, jump_length: int) -> solvers.Plan:
   """The solver of opts; with inpainting, wrapped in replacement and RePaint's plan."""
-  solver = factories.make_solver(config, opts['settings'])  # checked by `_resolve`
+  solver = control.guide_solver(factories.make_solver(config, opts['settings']), opts)
   if inpainting is None:
     return solvers.make_plan(solver)
   image, mask = inpainting
@@ -342,11 +309,14 @@ def _init_fn(plan: solvers.Plan, opts, num_classes: int, shape):
     for name in ('tokens', 'negative_tokens'):
       if name in given:
         cond[name] = jnp.asarray(given[name], jnp.int32)
-    if num_classes:
+    if 'labels' in given:  # composed labels, [B, N]
+      cond['label'] = jnp.asarray(given['labels'], jnp.int32)
+    elif num_classes:
       if opts['class_label'] is not None:
         cond['label'] = jnp.full((batch,), opts['class_label'], jnp.int32)
       else:
         cond['label'] = jax.random.randint(label_key, (batch,), 0, num_classes, jnp.int32)
+    cond = control.add_label(cond, opts, label_key, batch)
     return plan.init(key, shape, cond=cond)
 
   return init
@@ -369,7 +339,7 @@ def _sample(config, params, opts, *, step, inpainting, inpaint_resample, inpaint
   shape = factories.image_shape(config)
   num_classes = int(config.model.num_classes)
   rep = parallel.replicated(mesh)
-  model_fn = _model_fn(config, params, opts['guidance_scale'], rep)
+  model_fn = _model_fn(config, params, opts, rep)
   plan = jax.device_put(_plan(config, opts, inpainting, inpaint_resample, inpaint_jump_length),
                         rep)
   init = _init_fn(plan, opts, num_classes, (opts['batch_size'], *shape))
@@ -387,8 +357,10 @@ def _sample(config, params, opts, *, step, inpainting, inpaint_resample, inpaint
   for b in range(num_batches):
     key = jax.random.fold_in(base_key, b)
     state = init_jit(key, jax.random.fold_in(key, 1), given(b))
-    if num_classes:
-      labels.append(parallel.fetch(state.cond['label']))
+    for name in (control.LABEL, 'label'):  # the class asked for: the classifier's first
+      if name in state.cond:
+        labels.append(parallel.fetch(state.cond[name]))
+        break
     for start in plan.chunk_starts:
       state, _ = run_chunk(plan, model_fn, state, start)
       if bar is not None:
@@ -412,7 +384,7 @@ def _given(opts, b: int) -> dict[str, np.ndarray]:
   last input)."""
   size = opts['batch_size']
   out = {}
-  for name in ('low_res', 'tokens', 'negative_tokens'):
+  for name in ('low_res', 'tokens', 'negative_tokens', 'labels'):
     if opts.get(name) is not None:
       rows = np.minimum(np.arange(b * size, (b + 1) * size), len(opts[name]) - 1)
       out[name] = opts[name][rows]

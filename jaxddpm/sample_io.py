@@ -149,6 +149,12 @@ def default_output_dir(workdir: str, opts: dict[str, Any], *, step: int,
     parts.append(f'class{opts["class_label"]}')
   if opts['guidance_scale'] > 0:
     parts.append(f'guidance{opts["guidance_scale"]:g}')
+  if opts.get('classifier') is not None:
+    parts.append(f'classifier{opts["classifier_scale"]:g}')
+  if opts.get('compose_weights') is not None:
+    what = repr((opts['compose_weights'], opts.get('compose_prompts'),
+                 None if opts.get('labels') is None else opts['labels'][0].tolist()))
+    parts.append(f'compose{hashlib.sha256(what.encode()).hexdigest()[:8]}')
   if inpainting is not None:
     digest = hashlib.sha256(b''.join(a.tobytes() for a in inpainting)).hexdigest()[:8]
     parts.append(f'inpaint{digest}')
@@ -210,7 +216,8 @@ def check_finite(samples: np.ndarray, step: int | None) -> None:
 
 
 def write_outputs(output_dir: str, result: dict[str, Any], *, save_individual: bool) -> None:
-  """samples.npz (images, labels, psnr, prompts: those there are), grid.png, psnr.json
+  """samples.npz (images, labels, psnr, prompts, compose_weights and compose_prompts: those
+  there are), grid.png, psnr.json
   (inpainting) and optionally images/NNNNNN.png.
 
   Raises:
@@ -221,6 +228,10 @@ def write_outputs(output_dir: str, result: dict[str, Any], *, save_individual: b
     arrays = {k: result[k] for k in ('images', 'labels', 'psnr') if result[k] is not None}
     if result.get('prompts') is not None:  # the i-th sample answers prompts[i]
       arrays['prompts'] = np.asarray(list(result['prompts']), dtype=np.str_)
+    if result.get('compose_weights') is not None:  # every sample answers the composition
+      arrays['compose_weights'] = np.asarray(result['compose_weights'], np.float32)
+      if result.get('compose_prompts') is not None:
+        arrays['compose_prompts'] = np.asarray(list(result['compose_prompts']), dtype=np.str_)
     np.savez(os.path.join(output_dir, 'samples.npz'), **arrays)
     images = result['images']
     images_lib.save_image_grid(images[:GRID_SIZE], os.path.join(output_dir, 'grid.png'))

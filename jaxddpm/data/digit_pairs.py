@@ -8,7 +8,11 @@ canvases only its test images (the last 297), so no digit image is in both.
 
 The caption names both digits and their order, from one of TEMPLATES, the digits written as
 numerals or as words: "a 3 on the left and a 7 on the right", "seven to the right of three",
-"3 to the left of 7", "three, then seven", "3 and 7" (`caption`).
+"3 to the left of 7", "three, then seven", "3 and 7" (`caption`). With half_captions = p > 0
+(data.half_captions), a fraction p of the training captions names one side only, "a 3 on the
+left" or "a 7 on the right" (HALF_TEMPLATES, `half_caption`): a model trained so knows each
+side's condition alone, which composing conditions (AND / NOT, `jaxddpm.solvers.composition`)
+needs. The test split always names both.
 
 Compositional generalisation is measured on the ten ordered pairs (left, right) that no
 training canvas shows, UNSEEN_PAIRS = (0, 3), (1, 4), ..., (9, 2): (d, d + 3 mod 10), so every
@@ -54,6 +58,8 @@ TEMPLATES = (
     '{left}, then {right}',
     '{left} and {right}',
 )
+# One side only: the left digit, or the right one (half_captions).
+HALF_TEMPLATES = ('{a_left} {left} on the left', '{a_right} {right} on the right')
 _SEED = 0xD16175  # the draws of element i come from a generator seeded (_SEED, split, i)
 _SPLITS = {'train': 0, 'test': 1}
 
@@ -61,20 +67,39 @@ _SPLITS = {'train': 0, 'test': 1}
 def caption(left: int, right: int, template: int = 0, *, words: bool = False) -> str:
   """The caption of TEMPLATES[template] for the pair (left, right), digits as numerals
   ('3') or, with `words`, as words ('three')."""
+  return _format(TEMPLATES[template], left=left, right=right, words=words)
+
+
+def _format(template: str, *, left: int, right: int, words: bool) -> str:
   def name(d: int) -> str:
     if not 0 <= d < NUM_DIGITS:
       raise ValueError(f'a digit is 0..9, not {d}')
     return DIGIT_WORDS[d] if words else str(d)
 
-  return TEMPLATES[template].format(
+  return template.format(
       left=name(left), right=name(right),
       a_left='an' if left == 8 else 'a', a_right='an' if right == 8 else 'a')
 
 
-def all_captions(pairs=SEEN_PAIRS) -> list[str]:
-  """Every caption of `pairs`: each pair with each template, in numerals and in words."""
-  return [caption(l, r, t, words=w) for l, r in pairs
-          for t in range(len(TEMPLATES)) for w in (False, True)]
+def half_caption(digit: int, side: str, *, words: bool = False) -> str:
+  """The one-sided caption of HALF_TEMPLATES: "a 3 on the left" (side 'left') or "a 7 on
+  the right" ('right'); with `words`, "a three on the left"."""
+  if side not in ('left', 'right'):
+    raise ValueError(f"side is 'left' or 'right', not {side!r}")
+  return _format(HALF_TEMPLATES[0 if side == 'left' else 1], left=digit, right=digit,
+                 words=words)
+
+
+def all_captions(pairs=SEEN_PAIRS, *, half: bool = False) -> list[str]:
+  """Every caption of `pairs`: each pair with each template, in numerals and in words; with
+  `half`, also every one-sided caption of their digits."""
+  out = [caption(l, r, t, words=w) for l, r in pairs
+         for t in range(len(TEMPLATES)) for w in (False, True)]
+  if half:
+    out += [half_caption(d, side, words=w) for side, digits in
+            (('left', sorted({l for l, _ in pairs})), ('right', sorted({r for _, r in pairs})))
+            for d in digits for w in (False, True)]
+  return out
 
 
 class DigitPairsSource:
@@ -88,8 +113,11 @@ class DigitPairsSource:
   captioned = True
 
   def __init__(self, images: np.ndarray, labels: np.ndarray, pairs, canvases_per_pair: int,
-               split: str):
+               split: str, half_captions: float = 0.0):
+    if not 0.0 <= half_captions <= 1.0:
+      raise DatasetError(f'data.half_captions = {half_captions} must be in [0, 1].')
     self.images = images
+    self.half_captions = float(half_captions)
     self.pairs = tuple(tuple(int(d) for d in p) for p in pairs)
     self.canvases_per_pair = int(canvases_per_pair)
     self._split = _SPLITS[split]
@@ -106,13 +134,16 @@ class DigitPairsSource:
     """(left, right) of element i, without making the canvas."""
     return self.pairs[int(i) % len(self.pairs)]
 
-  def _draws(self, i: int) -> tuple[int, int, int, bool]:
-    """Element i's (left image, right image, template, words): a pure function of (split, i)."""
+  def _draws(self, i: int) -> tuple[int, int, int, bool, str]:
+    """Element i's (left image, right image, template, words, half): a pure function of
+    (split, i); half is '' (both digits named), 'left' or 'right'. The first four draws
+    are those of a source without half captions (a generator's stream is sequential)."""
     left, right = self.pair(i)
-    u = np.random.default_rng((_SEED, self._split, int(i))).random(4)
+    u = np.random.default_rng((_SEED, self._split, int(i))).random(6)
     a = self._by_digit[left][int(u[0] * len(self._by_digit[left]))]
     b = self._by_digit[right][int(u[1] * len(self._by_digit[right]))]
-    return int(a), int(b), int(u[2] * len(TEMPLATES)), bool(u[3] < 0.5)
+    half = '' if u[4] >= self.half_captions else ('left' if u[5] < 0.5 else 'right')
+    return int(a), int(b), int(u[2] * len(TEMPLATES)), bool(u[3] < 0.5), half
 
   def image_indices(self, i: int) -> tuple[int, int]:
     """Indices into `images` of element i's left and right halves."""
@@ -121,21 +152,26 @@ class DigitPairsSource:
   def __getitem__(self, i: int) -> dict[str, Any]:
     if not 0 <= int(i) < len(self):
       raise IndexError(f'digit_pairs has {len(self)} elements, not index {i}')
-    a, b, template, words = self._draws(i)
+    a, b, template, words, half = self._draws(i)
     left, right = self.pair(i)
+    if half:
+      text = half_caption(left if half == 'left' else right, half, words=words)
+    else:
+      text = caption(left, right, template, words=words)
     return {'x': np.concatenate([self.images[a], self.images[b]], axis=1),
             'label': NUM_DIGITS * left + right,
-            'text': caption(left, right, template, words=words),
+            'text': text,
             'left': left, 'right': right}
 
   def captions(self) -> list[str]:
     """Every caption an element of this source can carry (its pairs' `all_captions`)."""
-    return all_captions(self.pairs)
+    return all_captions(self.pairs, half=self.half_captions > 0)
 
 
 def digit_pairs_source(split: str, image_size: int, image_width: int,
-                       channels: int) -> DigitPairsSource:
-  """The `digit_pairs` canvases of `split` ('train' or 'test'): [S, 2S, 1], S = image_size.
+                       channels: int, half_captions: float = 0.0) -> DigitPairsSource:
+  """The `digit_pairs` canvases of `split` ('train' or 'test'): [S, 2S, 1], S = image_size;
+  the train split with a fraction `half_captions` of one-sided captions.
 
   Raises:
     DatasetError: image_width is not 2 * image_size, channels is not 1, or another split.
@@ -150,5 +186,5 @@ def digit_pairs_source(split: str, image_size: int, image_width: int,
   if split == 'train':
     pairs, per_pair = SEEN_PAIRS, TRAIN_CANVASES_PER_PAIR
   else:
-    pairs, per_pair = PAIRS, TEST_CANVASES_PER_PAIR
-  return DigitPairsSource(digits.images, digits.labels, pairs, per_pair, split)
+    pairs, per_pair, half_captions = PAIRS, TEST_CANVASES_PER_PAIR, 0.0
+  return DigitPairsSource(digits.images, digits.labels, pairs, per_pair, split, half_captions)

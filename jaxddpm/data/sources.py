@@ -317,7 +317,8 @@ def create_source(data_config, *, split: str, num_classes: int = 0):
   width = int(data_config.get('image_width', 0))
   with_labels = num_classes > 0
   if name == 'digit_pairs':
-    return digit_pairs.digit_pairs_source(split, size, width, channels)
+    return digit_pairs.digit_pairs_source(split, size, width, channels,
+                                          float(data_config.get('half_captions', 0.0)))
   if width not in (0, size):
     raise DatasetError(f'data.image_width = {width}: only digit_pairs images are not square; '
                        f'set it to 0 for {name!r}.')

@@ -17,6 +17,7 @@ from jaxddpm import models
 from jaxddpm import parallel
 from jaxddpm import runs
 from jaxddpm.evaluation import bpd as bpd_lib
+from jaxddpm.evaluation import classifier as clf_eval
 from jaxddpm.evaluation import features
 from jaxddpm.evaluation import superres as sr_eval
 
@@ -37,6 +38,8 @@ def training_metrics(config, model, schedule, params, mesh, *, step, sample_fn, 
   - FID / IS / KID of config.eval.num_samples samples against the training set:
     the digits classifier for digits, Inception when config.eval.inception_weights
     is set (otherwise skipped);
+  - for a noisy classifier instead: held-out accuracy at several noise levels
+    (`classifier.held_out_accuracy`);
   - for a super-resolution config instead: `superres.sr_metrics` (PSNR, SSIM, consistency,
     high-frequency share, and bicubic's) of one sample for each of the first
     config.eval.num_samples held-out low-res images (0: all).
@@ -56,6 +59,8 @@ def training_metrics(config, model, schedule, params, mesh, *, step, sample_fn, 
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(int(config.seed)), 0xE7A1), step)
   bpd_key, sample_key = jax.random.split(key)
   model_fn = models.make_model_fn(model, params)
+  if factories.is_classifier(config):  # a noisy classifier: held-out accuracy by noise level
+    return clf_eval.held_out_accuracy(config, model_fn, schedule, bpd_key, mesh=mesh)
   out = {}
   # bits/dim is of x; a residual SR model's variables are x - up(low_res), so it has none.
   if int(config.eval.bpd_num_examples) > 0 and not factories.sr_residual(config):

@@ -16,12 +16,14 @@ import flax.linen as nn
 import jax
 from jax.tree_util import Partial
 
+from jaxddpm.models.classifier import ClassifierConfig, NoisyClassifier
 from jaxddpm.models.clip_text import CLIPTextConfig, CLIPTextTransformer
 from jaxddpm.models.text import TextConfig
 from jaxddpm.models.unet import UNet, UNetConfig
 
-__all__ = ['CLIPTextConfig', 'CLIPTextTransformer', 'TextConfig', 'UNet', 'UNetConfig', 'register', 'model_names', 'config_class', 'create',
-           'init_params', 'make_model_fn']
+__all__ = ['ClassifierConfig', 'CLIPTextConfig', 'CLIPTextTransformer', 'NoisyClassifier',
+           'TextConfig', 'UNet', 'UNetConfig', 'register', 'model_names', 'config_class',
+           'create', 'init_params', 'make_model_fn']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +67,7 @@ def create(name: str, model_config) -> nn.Module:
 
 
 register('unet', UNetConfig, UNet)
+register('noisy_classifier', ClassifierConfig, NoisyClassifier)
 
 
 # For a top-level jit of an initialisation (jax.jit(..., compiler_options=...); JAX

@@ -297,7 +297,7 @@ class ResBlock(nn.Module):
     return x + h
 
 
-def _head_split(c: int, num_heads: int, num_head_channels: int, what: str) -> tuple[int, int]:
+def head_split(c: int, num_heads: int, num_head_channels: int, what: str) -> tuple[int, int]:
   """(heads, d): num_head_channels > 0 fixes d (heads = c // d), else num_heads fixes heads."""
   heads = c // num_head_channels if num_head_channels > 0 else num_heads
   if heads < 1 or c % heads:
@@ -326,7 +326,7 @@ class AttnBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     b, hgt, wid, c = x.shape
-    heads, d = _head_split(c, self.num_heads, self.num_head_channels, 'attention')
+    heads, d = head_split(c, self.num_heads, self.num_head_channels, 'attention')
     n = group_norm(self.norm_groups, self.norm_eps, self.dtype, name='norm')(x)
     n = n.reshape(b, hgt * wid, c)
     q, k, v = (_dense(c, name, dtype=self.dtype)(n).reshape(b, hgt * wid, heads, d)
@@ -361,7 +361,7 @@ class CrossAttnBlock(nn.Module):
   @nn.compact
   def __call__(self, x, context, mask):
     b, hgt, wid, c = x.shape
-    heads, d = _head_split(c, self.num_heads, self.num_head_channels, 'cross-attention')
+    heads, d = head_split(c, self.num_heads, self.num_head_channels, 'cross-attention')
     length = context.shape[1]
     n = group_norm(self.norm_groups, self.norm_eps, self.dtype, name='norm')(x)
     q = _dense(c, 'q', dtype=self.dtype)(n.reshape(b, hgt * wid, c)).reshape(b, -1, heads, d)

@@ -35,6 +35,7 @@ from jax.tree_util import Partial
 
 from jaxddpm.models import conditioning
 from jaxddpm.solvers import base
+from jaxddpm.solvers import guidance
 
 
 def _per_condition(cond: Mapping[str, jax.Array], spec: conditioning.Spec,
@@ -56,8 +57,17 @@ class _Composed:
   def __call__(self, model_fn, weights, x, t, cond=None):
     spec = dict(self.spec)
     n, batch = weights.shape[0], x.shape[0]
-    conds = _per_condition({} if cond is None else cond, spec, n)
-    conds.append(conditioning.null(conds[0], spec))
+    cond = {} if cond is None else cond
+    negative = {k[len(guidance.NEGATIVE):]: v for k, v in cond.items()
+                if k.startswith(guidance.NEGATIVE)}
+    conds = _per_condition({k: v for k, v in cond.items()
+                            if not k.startswith(guidance.NEGATIVE)}, spec, n)
+    null = conditioning.null(conds[0], spec)
+    unknown = sorted(set(negative) - set(null))
+    if unknown:
+      raise ValueError(f'negative conditions {unknown} have no positive counterpart')
+    null.update(negative)  # a negative prompt takes the null condition's place
+    conds.append(null)
     stacked = functools.reduce(conditioning.concat, conds)
     out = model_fn(jnp.concatenate([x] * (n + 1)), jnp.concatenate([t] * (n + 1)), stacked)
     out = out.reshape((n + 1, batch) + out.shape[1:])
@@ -75,7 +85,9 @@ def compose(model_fn, weights, cond_spec: conditioning.Spec) -> Partial:
 
     eps~ = eps(x_t | null) + sum_i w_i (eps(x_t | c_i) - eps(x_t | null)),
 
-  null = `conditioning.null(c_1, cond_spec)` (guided keys nulled, the others kept). The
+  null = `conditioning.null(c_1, cond_spec)` (guided keys nulled, the others kept), where a
+  cond key 'negative_K' [B, ...] replaces K (a negative prompt: eps(x_t | negative) takes the
+  place of eps(x_t | null), as in `classifier_free_guidance`). The
   combination is affine, so it applies to whatever the model predicts (eps, x_0 or v) in the
   first C channels; extra channels (learned variance) come from c_1.
 
