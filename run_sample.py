@@ -68,10 +68,11 @@ _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Where to write the sample
 _SAVE_INDIVIDUAL = flags.DEFINE_bool('save_individual', False, 'Also write one PNG per sample.')
 # --- text-to-image (jaxddpm.prompts) ---
 _PROMPT = flags.DEFINE_multi_string(
-    'prompt', [], 'Text models: the prompt of every sample; repeated, the prompts are '
-    'composed (AND; see --prompt_weights).')
+    'prompt', [], 'Text models: the prompt of every sample; repeated, one prompt per sample '
+    'in turn, or composed when --prompt_weights is given.')
 _PROMPT_WEIGHTS = flags.DEFINE_list(
-    'prompt_weights', None, 'Weights of the repeated --prompt (default 1 each; negative: NOT).')
+    'prompt_weights', None, 'Compose the --prompt conditions with these weights (AND for '
+    'positive, NOT for negative), one model call per step.')
 _PROMPTS_FILE = flags.DEFINE_string(
     'prompts_file', None, 'Text models: one prompt a line; the i-th sample answers line i '
     '(--num_samples defaults to the line count).')

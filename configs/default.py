@@ -53,6 +53,9 @@ def get_config():
   model.downsample_padding = 'same'  # 'same' (TF, DDPM) | 'symmetric' (pad 1 each side)
   model.dtype = 'float32'  # compute dtype; params stay float32
   model.remat = False
+  # Energy-parameterised denoiser: eps = grad_x 1/2 ||x + f(x, t)||^2 (jaxddpm.models.
+  # make_energy_fn), for Metropolis-adjusted correctors; needs eps prediction.
+  model.energy = False
   # Text-to-image (captioned data): '' none | 'transformer', a text transformer trained with
   # the U-Net on a word-level tokenizer built from the training captions (GLIDE) | 'clip',
   # a frozen pretrained CLIP text encoder from the Hugging Face folder clip_dir. The

@@ -379,6 +379,11 @@ def validate_config(config) -> None:
   if 'sampling' in config:
     distilled = int(config.get('distill', {}).get('round_steps', 0)) > 0
     _validate_sampling(config.sampling, num_timesteps, distilled)
+  if ('model' in config and config.model.get('energy', False) and 'diffusion' in config and
+      (config.diffusion.get('model_mean_type') != 'eps' or
+       config.diffusion.get('model_var_type') in ('learned', 'learned_range'))):
+    _fail('model.energy', True, 'an energy-parameterised denoiser predicts eps = grad E with '
+          'a fixed variance: set diffusion.model_mean_type = eps and a fixed model_var_type')
   if ('model' in config and config.model.get('name') == 'noisy_classifier' and 'training' in config
       and int(config.training.get('sample_every', 0)) > 0):
     _fail('training.sample_every', config.training.sample_every, 'a noisy classifier draws '

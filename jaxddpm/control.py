@@ -135,12 +135,15 @@ def composition_inputs(config, workdir: str | None, *, prompts: Sequence[str] | 
                        tokenizer=None) -> dict[str, Any]:
   """The composed conditions of a sampling call, or {} when nothing is composed.
 
-  Several prompts (or any prompt_weights) compose prompts; compose_labels composes labels.
+  Prompts compose only when prompt_weights is given (without it several prompts are one
+  prompt per sample, the text models' default); compose_labels composes labels.
   Returns dict(compose_weights [N], compose_prompts (the N prompts, for samples.npz, or
   None), prompts=None, and 'tokens' int32 [num_samples, N, L] (+ 'negative_tokens'
   [num_samples, L]) or 'labels' int32 [num_samples, N]).
   """
-  composing_prompts = bool(prompts) and (len(prompts) > 1 or prompt_weights not in (None, ''))
+  composing_prompts = prompt_weights not in (None, '', [])
+  if composing_prompts and not prompts:
+    raise SampleError('prompt_weights needs prompts (the conditions they weigh)')
   if not composing_prompts and not labels:
     if label_weights not in (None, ''):
       raise SampleError('label_weights needs compose_labels (the labels they weigh)')

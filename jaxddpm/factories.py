@@ -77,6 +77,7 @@ def _unet_config(config) -> models.UNetConfig:
       low_res_size=low_res_size(config),
       image_width=int(config.data.get('image_width', 0)),
       text=text_config(config),
+      energy=bool(m.get('energy', False)),
   )
 
 

@@ -205,5 +205,74 @@ def test_bad_arguments_raise(schedule):
     composition.compose(model_fn, 1.0, SPEC)
   with pytest.raises(ValueError, match='multistep'):
     correctors.with_correctors(solvers.make_solver(schedule, 'dpmpp_2m'), 'ula')
+  ddim = solvers.make_solver(schedule, 'ddim', num_steps=5)
   with pytest.raises(ValueError, match='unknown corrector'):
-    correctors.with_correctors(solvers.make_solver(schedule, 'ddim', num_steps=5), 'mala')
+    correctors.with_correctors(ddim, 'nuts')
+  with pytest.raises(ValueError, match='energy_fn'):
+    correctors.with_correctors(ddim, 'mala')
+  with pytest.raises(ValueError, match='energy_fn'):
+    correctors.with_correctors(ddim, 'ula', energy_fn=label_energy(schedule))
+
+
+def label_energy(schedule):
+  """energy_fn(x, t, {'label'}) -> [B] whose x-gradient is `label_model`'s exact eps:
+  E = sqrt(1 - abar) ||x - sqrt(abar) m||^2 / (2 (abar v + 1 - abar))."""
+  abar = jnp.asarray(schedule.alphas_cumprod)
+  means, variances = jnp.asarray(MEANS, jnp.float32), jnp.asarray(VARS, jnp.float32)
+
+  def energy_fn(x, t, cond):
+    y = cond['label']
+    a = abar[t][:, None]
+    return jnp.sum(jnp.sqrt(1 - a) * jnp.square(x - jnp.sqrt(a) * means[y])
+                   / (2 * (a * variances[y][:, None] + 1 - a)), axis=-1)
+
+  return energy_fn
+
+
+def _two_conditions(n):
+  return composition.stack_conditions([{'label': jnp.zeros(n, jnp.int32)},
+                                       {'label': jnp.ones(n, jnp.int32)}], SPEC)
+
+
+def test_the_composed_energy_is_the_potential_of_the_composed_eps(schedule):
+  x, t = _points()
+  cond = _two_conditions(4)
+  energy = composition.compose_energy(label_energy(schedule), [1.0, -0.7], SPEC)
+  grad = jax.grad(lambda x: jnp.sum(energy(x, t, cond)))(jnp.asarray(x, jnp.float32))
+  e1, e2, e0 = (eps64(schedule, x, t, np.full(4, k)) for k in (0, 1, 2))
+  np.testing.assert_allclose(grad, e0 + (e1 - e0) - 0.7 * (e2 - e0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('method', ['mala', 'mhmc'])
+def test_metropolis_adjusted_correctors_keep_the_level_exact_where_ula_does_not(schedule,
+                                                                               method):
+  """At a high-noise level the composed potential is Gaussian with precision lambda, and
+  eta lambda = c sigma k ~ 1.6 at c = 1.9: ULA's chain then has variance 2 / (lambda (2 -
+  eta lambda)), 5x the exact 1 / lambda, while the accept/reject keeps the exact Gaussian."""
+  ddim = solvers.make_solver(schedule, 'ddim', num_steps=10, clip_denoised=False)
+  j = 1  # the first level below pure noise
+  a = float(ddim.grid.alpha[j]) ** 2  # the respaced schedule's abar there
+  sigma = float(ddim.grid.sigma[j])
+  d = a * VARS + 1 - a
+  w = np.array([1.0, 1.0, -1.0])
+  k = np.sum(w * np.sqrt(1 - a) / d)
+  centre = np.sum(w[:, None] * np.sqrt(1 - a) * np.sqrt(a) * MEANS / d[:, None], 0) / k
+  precision = k / sigma
+  n = 20000
+  x0 = centre + np.random.default_rng(0).normal(size=(n, 2)) / np.sqrt(precision)
+  cond = _two_conditions(n)
+  model_fn = composition.compose(label_model(schedule), [1.0, 1.0], SPEC)
+  energy = composition.compose_energy(label_energy(schedule), [1.0, 1.0], SPEC)
+  exact_std = 1 / np.sqrt(precision)
+  adjusted = correctors.with_correctors(ddim, method, num_steps=20, step_scale=1.9,
+                                        num_leapfrog=2, energy_fn=energy)
+  run = getattr(adjusted, '_' + method)
+  x = np.asarray(jax.jit(run)(model_fn, jnp.asarray(x0, jnp.float32), j,
+                              jax.random.key(1), cond), np.float64)
+  assert np.abs(x.mean(0) - centre).max() < 4 * exact_std / np.sqrt(n)
+  assert np.abs(x.std(0) / exact_std - 1).max() < 0.03, x.std(0) / exact_std
+  assert np.abs(x - x0).mean() > 0.3 * exact_std  # the chain moved
+  ula = correctors.with_correctors(ddim, 'ula', num_steps=20, step_scale=1.9)
+  y = np.asarray(jax.jit(ula._ula)(model_fn, jnp.asarray(x0, jnp.float32), j,  # pylint: disable=protected-access
+                                    jax.random.key(1), cond), np.float64)
+  assert (y.std(0) / exact_std > 1.5).all(), y.std(0) / exact_std

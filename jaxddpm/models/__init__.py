@@ -14,6 +14,7 @@ import functools
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from jax.tree_util import Partial
 
 from jaxddpm.models.classifier import ClassifierConfig, NoisyClassifier
@@ -23,7 +24,7 @@ from jaxddpm.models.unet import UNet, UNetConfig
 
 __all__ = ['ClassifierConfig', 'CLIPTextConfig', 'CLIPTextTransformer', 'NoisyClassifier',
            'TextConfig', 'UNet', 'UNetConfig', 'register', 'model_names', 'config_class',
-           'create', 'init_params', 'make_model_fn']
+           'create', 'init_params', 'make_model_fn', 'make_energy_fn', 'is_energy']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,15 +89,64 @@ def init_params(model: nn.Module, key):
   return model.init(key, x, t, cond)['params']
 
 
+def _energy(model: nn.Module, params, x, t, cond, dropout_rng, train: bool):
+  """E_theta(x, t) = 1/2 ||x + f_theta(x, t)||^2 per example, [B] float32 (`make_energy_fn`)."""
+  rngs = {'dropout': dropout_rng} if dropout_rng is not None else None
+  f = model.apply({'params': params}, x, t, cond, train=train, rngs=rngs)
+  return 0.5 * jnp.sum(jnp.square(x + f).reshape(x.shape[0], -1), axis=-1)
+
+
+def is_energy(model: nn.Module) -> bool:
+  """Whether the denoiser is energy-parameterised (its config's `energy` field)."""
+  return bool(getattr(model.config, 'energy', False))
+
+
 @functools.partial(jax.jit, static_argnames=('model', 'train'))
 def _apply(model: nn.Module, params, x, t, cond, dropout_rng, train: bool):
   """The network's forward pass; jitted, so eager calls (a notebook) run compiled.
 
   Inside other jitted code it is inlined. Models are hashable, so equal models
-  share the compiled function.
+  share the compiled function. An energy-parameterised model returns grad_x E_theta
+  (`make_energy_fn`), its eps prediction.
   """
+  if is_energy(model):
+    total = lambda x: jnp.sum(_energy(model, params, x, t, cond, dropout_rng, train))
+    return jax.grad(total)(jnp.asarray(x, jnp.float32))
   rngs = {'dropout': dropout_rng} if dropout_rng is not None else None
   return model.apply({'params': params}, x, t, cond, train=train, rngs=rngs)
+
+
+@functools.partial(jax.jit, static_argnames=('model',))
+def _apply_energy(model: nn.Module, params, x, t, cond):
+  return _energy(model, params, jnp.asarray(x, jnp.float32), t, cond, None, False)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Energy:
+  model: nn.Module
+
+  def __call__(self, params, x, t, cond=None):
+    return _apply_energy(self.model, params, x, t, {} if cond is None else cond)
+
+
+def make_energy_fn(model: nn.Module, params) -> Partial:
+  """energy_fn(x, t, cond={}) -> [B]: the scalar energy of an energy-parameterised denoiser.
+
+    E_theta(x, t) = 1/2 ||x + f_theta(x, t)||^2,   eps_theta(x, t) = grad_x E_theta(x, t),
+
+  f_theta the network (`UNetConfig.energy`), so the score is -grad_x E_theta / sigma_t and
+  log p_t(x) = -E_theta(x, t) / sigma_t + const: a Metropolis-adjusted corrector can weigh a
+  proposal (`solvers.correctors`, 'mala' / 'mhmc'; Du et al. 2023, sec. 3.3). The form is
+  Salimans & Ho 2021's "energy as the squared norm of a vector field", shifted by x so that
+  the zero-initialised output layer starts at eps = x, the exact eps of N(0, I) data, with a
+  nonzero gradient for training (1/2 ||f||^2 has none at f = 0).
+
+  Raises:
+    ValueError: a model that is not energy-parameterised.
+  """
+  if not is_energy(model):
+    raise ValueError('make_energy_fn needs an energy-parameterised model (model.energy = True)')
+  return Partial(_Energy(model), params)
 
 
 @dataclasses.dataclass(frozen=True)

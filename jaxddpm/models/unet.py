@@ -75,6 +75,9 @@ class UNetConfig:
     downsample_padding: 'same' (TF, DDPM) or 'symmetric' (pad 1 each side).
     dtype: compute dtype name ('float32', 'bfloat16'); params are float32.
     remat: recompute each block's activations in the backward pass (nn.remat).
+    energy: the denoiser is energy-parameterised: the network f is read as the energy
+      E(x, t) = 1/2 ||x + f(x, t)||^2 and the eps prediction is grad_x E
+      (`jaxddpm.models.make_energy_fn`); training differentiates through that gradient.
   """
   image_size: int = 32
   in_channels: int = 3
@@ -104,6 +107,7 @@ class UNetConfig:
   context_dim: int = 0
   pooled_dim: int = 0
   context_dropout: float = 0.0
+  energy: bool = False
 
   @property
   def image_shape(self) -> tuple[int, int]:
@@ -115,6 +119,9 @@ class UNetConfig:
     object.__setattr__(self, 'attn_resolutions', tuple(int(r) for r in self.attn_resolutions))
     object.__setattr__(self, 'dtype', jnp.dtype(self.dtype).name)
     object.__setattr__(self, 'ignore_cond_keys', tuple(str(k) for k in self.ignore_cond_keys))
+    if self.energy and self.out_channels != self.in_channels:
+      raise ValueError('an energy-parameterised U-Net predicts eps only (a fixed variance): '
+                       f'out_channels must be in_channels = {self.in_channels}')
     if self.downsample_padding not in ('same', 'symmetric'):
       raise ValueError(f"downsample_padding must be 'same' or 'symmetric', got {self.downsample_padding!r}")
     for c in [self.ch * m for m in self.ch_mult]:

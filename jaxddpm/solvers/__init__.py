@@ -48,7 +48,7 @@ from jaxddpm.solvers import repaint
 from jaxddpm.solvers import time_grids
 from jaxddpm.solvers import unipc
 from jaxddpm.solvers.classifier_guidance import classifier_guided, classifier_mean_shift
-from jaxddpm.solvers.composition import compose, stack_conditions
+from jaxddpm.solvers.composition import compose, compose_energy, stack_conditions
 from jaxddpm.solvers.correctors import with_correctors
 from jaxddpm.solvers.driver import OP_SKIP, OP_STEP, Plan, State, make_plan, run_chunk, sample
 from jaxddpm.solvers.guidance import classifier_free_guidance

@@ -122,3 +122,36 @@ def stack_conditions(conditions: Sequence[Mapping[str, jax.Array]],
       raise ValueError(f'conditions have different keys: {sorted(first)} and {sorted(c)}')
   return {k: jnp.stack([c[k] for c in conditions], axis=1) if cond_spec[k].guided else v
           for k, v in first.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class _ComposedEnergy:
+  spec: tuple[tuple[str, Any], ...]
+
+  def __call__(self, energy_fn, weights, x, t, cond=None):
+    spec = dict(self.spec)
+    n, batch = weights.shape[0], x.shape[0]
+    conds = _per_condition({} if cond is None else cond, spec, n)
+    conds.append(conditioning.null(conds[0], spec))
+    stacked = functools.reduce(conditioning.concat, conds)
+    e = energy_fn(jnp.concatenate([x] * (n + 1)), jnp.concatenate([t] * (n + 1)), stacked)
+    e = jnp.asarray(e, jnp.float32).reshape(n + 1, batch)
+    return e[n] + jnp.sum(weights[:, None] * (e[:n] - e[n]), axis=0)
+
+
+def compose_energy(energy_fn, weights, cond_spec: conditioning.Spec) -> Partial:
+  """The energy of the composition `compose` makes of an energy-parameterised model:
+
+    E~(x, t) = E(x, t | null) + sum_i w_i (E(x, t | c_i) - E(x, t | null)),
+
+  whose x-gradient is `compose`'s eps~ of the model's eps = grad_x E (the combination is
+  linear), so Metropolis-adjusted correctors (`correctors.with_correctors(..., 'mala',
+  energy_fn=...)`) target exactly what the composed sampler integrates (Du et al. 2023,
+  sec. 3.3). energy_fn(x, t, cond) -> [B]; cond's guided keys [B, N, ...]; returns [B].
+  """
+  weights = jnp.asarray(weights, jnp.float32)
+  if weights.ndim != 1 or weights.shape[0] < 1:
+    raise ValueError(f'weights must be a vector of one weight per condition, got shape '
+                     f'{weights.shape}')
+  return Partial(_ComposedEnergy(tuple(sorted(cond_spec.items()))), base.as_pytree(energy_fn),
+                 weights)

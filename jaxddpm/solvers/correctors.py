@@ -34,8 +34,20 @@ contracts by |1 - eta lambda| and leapfrog needs h sqrt(lambda) < 2). Du et al.'
 step sizes proportional to the schedule's beta_t instead (e.g. `la_step_sizes = betas * 2`),
 which ties them to the step count. One HMC leapfrog step with d = 0 is ULA with eta = h^2 / 2.
 
-Metropolis-adjusted versions (MALA, HMC with accept/reject) need log q_j(x) itself, i.e. an
-energy-parameterised model (Du et al., sec. 4); they are not implemented here.
+Metropolis-adjusted versions need log q_j(x) itself, which an energy-parameterised model
+gives (Du et al., sec. 3.3; `jaxddpm.models.make_energy_fn`: eps = grad_x E, so
+log q_j = -U_j + const with U_j(x) = E(x, t_j) / sigma_j; compositions by
+`composition.compose_energy`). With `energy_fn` they make the steps exact for q_j at any step
+size (the step size then trades acceptance against distance):
+
+  MALA (Roberts & Tweedie 1996): x' = x - eta_j grad U(x) + sqrt(2 eta_j) z, accepted with
+    probability min(1, exp(U(x) - U(x') + log g(x | x') - log g(x' | x))),
+    log g(a | b) = -||a - b + eta_j grad U(b)||^2 / (4 eta_j);  K steps per level.
+  MHMC (Neal 2011, sec. 5.2.3): v ~ N(0, I) afresh, L leapfrog steps of size h_j on U, the
+    end point accepted with probability min(1, exp(H(x, v) - H(x', v'))), H = U + |v|^2 / 2;
+    K steps per level.
+
+The scores then come from grad U, the model function is not called by the corrector.
 """
 
 from __future__ import annotations
@@ -49,7 +61,8 @@ import jax.numpy as jnp
 from jaxddpm import diffusion
 from jaxddpm.solvers import base
 
-METHODS = ('ula', 'hmc')
+METHODS = ('ula', 'hmc', 'mala', 'mhmc')
+ADJUSTED = ('mala', 'mhmc')  # Metropolis-adjusted: they need an energy
 
 
 def score(solver, model_fn, x: jax.Array, j, cond) -> jax.Array:
@@ -80,20 +93,23 @@ class Corrected(base.Wrapped):
   docstring). Build with `with_correctors`.
 
   solver: the wrapped solver. step_scale: float32 scalar c. damping: float32 scalar d (HMC).
-  method: 'ula' or 'hmc'. num_steps: K. num_leapfrog: L (HMC). All but the arrays static.
+  energy_fn: energy_fn(x, t, cond) -> [B] for 'mala' / 'mhmc', else None.
+  method: one of METHODS. num_steps: K. num_leapfrog: L (HMC, MHMC). All but the arrays and
+  energy_fn static.
   """
   solver: Any
   step_scale: jax.Array
   damping: jax.Array
+  energy_fn: Any
   method: str = flax.struct.field(pytree_node=False)
   num_steps: int = flax.struct.field(pytree_node=False)
   num_leapfrog: int = flax.struct.field(pytree_node=False)
 
   @property
   def evaluations_per_level(self) -> int:
-    if self.method == 'ula':
-      return self.num_steps
-    return self.num_steps * self.num_leapfrog + 1
+    if self.method in ('ula', 'mala'):
+      return self.num_steps + (self.method == 'mala')
+    return self.num_steps * (self.num_leapfrog + (self.method == 'mhmc')) + 1
 
   @property
   def nfe(self) -> int:
@@ -108,7 +124,7 @@ class Corrected(base.Wrapped):
     # The corrector draws from the wrapper half of the key: the solver's noise is unchanged.
     _, corrector_key = base.split_op_key(key)
     j = i + 1
-    run = self._ula if self.method == 'ula' else self._hmc
+    run = {'ula': self._ula, 'hmc': self._hmc, 'mala': self._mala, 'mhmc': self._mhmc}[self.method]
     x = jax.lax.cond(j < self.grid.num_steps,
                      lambda x: run(model_fn, x, j, corrector_key, cond), lambda x: x, state.x)
     return state.replace(x=x)
@@ -145,9 +161,77 @@ class Corrected(base.Wrapped):
     return x
 
 
+  def _potential(self, j, cond):
+    """x -> (U_j(x) [B], grad U_j(x)), U_j = E(x, t_j) / sigma_j (module docstring)."""
+    t_index = self.solver.times[j]
+    sigma = self.grid.sigma[j]
+
+    def potential(x):
+      t = jnp.full((x.shape[0],), self.solver.schedule.timestep_map[t_index], jnp.int32)
+      u = jnp.asarray(self.energy_fn(x, t, cond), jnp.float32) / sigma
+      return jnp.sum(u), u
+
+    def value_and_grad(x):
+      (_, u), g = jax.value_and_grad(potential, has_aux=True)(x)
+      return u, g
+
+    return value_and_grad
+
+  @staticmethod
+  def _accept(key, log_ratio, new, old):
+    """Per example: `new` where log u < log_ratio (u ~ U(0, 1)), else `old`."""
+    u = jax.random.uniform(key, log_ratio.shape)
+    take = jnp.log(u) < log_ratio
+    return jax.tree.map(lambda a, b: jnp.where(take.reshape((-1,) + (1,) * (a.ndim - 1)), a, b),
+                        new, old)
+
+  def _mala(self, model_fn, x, j, key, cond):
+    del model_fn
+    eta = self.step_scale * self.grid.sigma[j] ** 2
+    value_and_grad = self._potential(j, cond)
+    flat = lambda a: jnp.sum(jnp.square(a).reshape(a.shape[0], -1), axis=-1)
+
+    def body(k, carry):
+      x, u, g = carry
+      z_key, u_key = jax.random.split(jax.random.fold_in(key, k))
+      proposal = x - eta * g + jnp.sqrt(2.0 * eta) * jax.random.normal(z_key, x.shape, x.dtype)
+      u_new, g_new = value_and_grad(proposal)
+      log_ratio = (u - u_new - flat(x - proposal + eta * g_new) / (4.0 * eta)
+                   + flat(proposal - x + eta * g) / (4.0 * eta))
+      return self._accept(u_key, log_ratio, (proposal, u_new, g_new), (x, u, g))
+
+    u, g = value_and_grad(x)
+    return jax.lax.fori_loop(0, self.num_steps, body, (x, u, g))[0]
+
+  def _mhmc(self, model_fn, x, j, key, cond):
+    del model_fn
+    h = self.step_scale * self.grid.sigma[j]
+    value_and_grad = self._potential(j, cond)
+    kinetic = lambda v: 0.5 * jnp.sum(jnp.square(v).reshape(v.shape[0], -1), axis=-1)
+
+    def leapfrog(_, carry):
+      x, v, u, g = carry
+      v = v - 0.5 * h * g
+      x = x + h * v
+      u, g = value_and_grad(x)
+      return x, v - 0.5 * h * g, u, g
+
+    def body(k, carry):
+      x, u, g = carry
+      v_key, u_key = jax.random.split(jax.random.fold_in(key, k))
+      v = jax.random.normal(v_key, x.shape, x.dtype)
+      x_new, v_new, u_new, g_new = jax.lax.fori_loop(0, self.num_leapfrog, leapfrog,
+                                                     (x, v, u, g))
+      log_ratio = u + kinetic(v) - u_new - kinetic(v_new)
+      return self._accept(u_key, log_ratio, (x_new, u_new, g_new), (x, u, g))
+
+    u, g = value_and_grad(x)
+    return jax.lax.fori_loop(0, self.num_steps, body, (x, u, g))[0]
+
+
 def with_correctors(solver, method: str = 'ula', *, num_steps: int = 1,
                     step_scale: float = 0.1, num_leapfrog: int = 3,
-                    damping: float = 0.0) -> Corrected:
+                    damping: float = 0.0, energy_fn=None) -> Corrected:
   """`solver` with `num_steps` (K) MCMC steps of `method` at every noise level it reaches.
   Host-side.
 
@@ -155,11 +239,14 @@ def with_correctors(solver, method: str = 'ula', *, num_steps: int = 1,
     solver: a single-step solver of this package (ddpm, ddim, heun), not wrapped (wrap the
       result with inpainting if needed). Guidance and composition are in the model_fn given
       to `sample`, which the corrector's score uses too.
-    method: 'ula' or 'hmc' (see the module docstring).
+    method: 'ula', 'hmc', or the Metropolis-adjusted 'mala', 'mhmc' (module docstring).
     num_steps: K >= 1 per level.
     step_scale: c > 0: eta_j = c sigma_j^2 (ULA), h_j = c sigma_j (HMC); below 2 for stability.
     num_leapfrog: L >= 1 leapfrog steps per HMC step.
-    damping: d in [0, 1), the momentum kept at each HMC refresh.
+    damping: d in [0, 1), the momentum kept at each HMC refresh (MHMC refreshes fully).
+    energy_fn: for 'mala' / 'mhmc', energy_fn(x, t, cond) -> [B] with eps = grad_x energy
+      (`models.make_energy_fn`, or `composition.compose_energy` of one), called with the
+      model's timesteps; None otherwise.
 
   Raises:
     ValueError: an unknown method, a bad count or scale, or a solver with a multistep history
@@ -169,6 +256,10 @@ def with_correctors(solver, method: str = 'ula', *, num_steps: int = 1,
     raise ValueError(f'unknown corrector {method!r}; expected one of {METHODS}')
   if num_steps < 1 or num_leapfrog < 1:
     raise ValueError(f'num_steps and num_leapfrog must be >= 1, got {num_steps}, {num_leapfrog}')
+  if (method in ADJUSTED) != (energy_fn is not None):
+    raise ValueError(f"the Metropolis-adjusted correctors {ADJUSTED} need energy_fn (an "
+                     f"energy-parameterised model) and the others take none; got method "
+                     f"{method!r} with{'' if energy_fn is not None else 'out'} energy_fn")
   if not step_scale > 0 or not 0.0 <= damping < 1.0:
     raise ValueError(f'need step_scale > 0 and damping in [0, 1), got {step_scale}, {damping}')
   if solver.multistep:
@@ -179,5 +270,7 @@ def with_correctors(solver, method: str = 'ula', *, num_steps: int = 1,
     raise ValueError(f'{type(solver).__name__} has no model times per grid point; wrap the '
                      f'solver itself with correctors, then with inpainting')
   return Corrected(solver=solver, step_scale=jnp.asarray(step_scale, jnp.float32),
-                   damping=jnp.asarray(damping, jnp.float32), method=method,
+                   damping=jnp.asarray(damping, jnp.float32),
+                   energy_fn=None if energy_fn is None else base.as_pytree(energy_fn),
+                   method=method,
                    num_steps=int(num_steps), num_leapfrog=int(num_leapfrog))
