@@ -88,6 +88,17 @@ _COMPOSE_LABELS = flags.DEFINE_list('compose_labels', None,
                                     'Class-conditional models: labels to compose, e.g. 3,7.')
 _LABEL_WEIGHTS = flags.DEFINE_list('label_weights', None,
                                    'Weights of --compose_labels (default 1 each; negative: NOT).')
+_CORRECTOR = flags.DEFINE_enum(
+    'corrector', None, ['ula', 'hmc', 'mala', 'mhmc'], 'MCMC correctors at every noise level '
+    '(Du et al. 2023), for compositions: ula, hmc, or, for an energy-parameterised model '
+    '(model.energy), the Metropolis-adjusted mala, mhmc. Solvers ddpm, ddim, heun.')
+_CORRECTOR_STEPS = flags.DEFINE_integer('corrector_steps', None,
+                                        'Corrector steps K per noise level (default 1).')
+_CORRECTOR_STEP_SCALE = flags.DEFINE_float(
+    'corrector_step_scale', None, 'Corrector step size c: eta = c sigma^2 (ula, mala), '
+    'h = c sigma (hmc, mhmc); default 0.1.')
+_CORRECTOR_LEAPFROG = flags.DEFINE_integer('corrector_leapfrog', None,
+                                           'hmc, mhmc: leapfrog steps per step (default 3).')
 # --- super-resolution (jaxddpm.cascade) ---
 _SR_WORKDIR = flags.DEFINE_multi_string(
     'sr_workdir', [], 'Super-resolution run(s), in cascade order. Alone: upscale '
@@ -187,7 +198,10 @@ def _control(sample) -> dict:
                                'comma-separated integers, e.g. 3,7') from None
   return dict(classifier_workdir=_CLASSIFIER_WORKDIR.value,
               classifier_scale=_CLASSIFIER_SCALE.value, prompt_weights=_PROMPT_WEIGHTS.value,
-              compose_labels=labels, label_weights=_LABEL_WEIGHTS.value)
+              compose_labels=labels, label_weights=_LABEL_WEIGHTS.value,
+              corrector=_CORRECTOR.value, corrector_steps=_CORRECTOR_STEPS.value,
+              corrector_step_scale=_CORRECTOR_STEP_SCALE.value,
+              corrector_leapfrog=_CORRECTOR_LEAPFROG.value)
 
 
 def _fail(message) -> None:

@@ -12,6 +12,10 @@ call's arguments:
   * composition of N prompts or N labels with weights (AND: positive, NOT: negative), all
     N + 1 predictions in one batched model call: `composition_inputs` stacks the conditions
     on axis 1 ([num_samples, N, ...]); `compose_model_fn` wraps the model function.
+  * MCMC correctors at every noise level (Du et al. 2023; `jaxddpm.solvers.correctors`):
+    `corrector_options` validates them before anything is loaded, `correct_solver` wraps the
+    solver, with the (composed) energy of an energy-parameterised model for the
+    Metropolis-adjusted 'mala' / 'mhmc'.
 
 Every bad argument is one `SampleError` naming it.
 """
@@ -25,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxddpm import factories
+from jaxddpm import models
 from jaxddpm import prompts as prompts_lib
 from jaxddpm import runs
 from jaxddpm import solvers
@@ -34,8 +39,9 @@ from jaxddpm.solvers import ddpm as ddpm_lib
 
 LABEL = solvers.classifier_guidance.CLASSIFIER_LABEL
 # The keys of a sampling call's `control` dict (`jaxddpm.sample.sample_run`).
+CORRECTOR_ARGS = ('corrector', 'corrector_steps', 'corrector_step_scale', 'corrector_leapfrog')
 ARGS = ('classifier_workdir', 'classifier_scale', 'prompt_weights', 'compose_labels',
-        'label_weights')
+        'label_weights') + CORRECTOR_ARGS
 
 
 def load_classifier(workdir: str, run_config) -> dict[str, Any]:
@@ -188,3 +194,66 @@ def compose_model_fn(config, model_fn, opts):
   spec = factories.create_model(config).config.cond_spec()
   return solvers.compose(model_fn, jnp.asarray(weights, jnp.float32), spec)
 
+
+
+def corrector_options(config, opts, control_args: dict) -> dict[str, Any] | None:
+  """The corrector of a sampling call, validated before anything is loaded: None, or
+  dict(method, num_steps, step_scale, num_leapfrog) for `solvers.with_correctors`.
+
+  The corrector's score is the model function's (composed, or classifier-free or
+  classifier guided by the eps shift); the mean shift of ancestral DDPM is not a score, and
+  the Metropolis-adjusted methods need an energy for exactly what is sampled, which exists
+  for an energy-parameterised model, alone or composed.
+  """
+  method = control_args.get('corrector')
+  given = sorted(k for k in CORRECTOR_ARGS[1:] if control_args.get(k) is not None)
+  if not method:
+    if given:
+      raise SampleError(f'{", ".join(given)} need corrector (one of '
+                        f'{solvers.correctors.METHODS})')
+    return None
+  if method not in solvers.correctors.METHODS:
+    raise SampleError(f'unknown corrector {method!r}; expected one of '
+                      f'{solvers.correctors.METHODS}')
+  if factories.is_distilled(config):
+    raise SampleError('correctors need the trained schedule; a distilled student samples on '
+                      'its own grid')
+  defaults = dict(corrector_steps=1, corrector_step_scale=0.1, corrector_leapfrog=3)
+  value = {k: v if control_args.get(k) is None else control_args[k] for k, v in defaults.items()}
+  spec = dict(method=method, num_steps=int(value['corrector_steps']),
+              step_scale=float(value['corrector_step_scale']),
+              num_leapfrog=int(value['corrector_leapfrog']))
+  adjusted = method in solvers.correctors.ADJUSTED
+  if adjusted and not config.model.get('energy', False):
+    raise SampleError(f'corrector {method!r} weighs proposals by the energy, which needs an '
+                      'energy-parameterised model (model.energy = True); use ula or hmc')
+  if opts.get('classifier') is not None and (adjusted or opts['solver'] == 'ddpm'):
+    raise SampleError('correctors with classifier guidance follow the eps shift: use ula or '
+                      'hmc with a solver other than ddpm (e.g. --solver=ddim)')
+  if adjusted and opts['guidance_scale'] > 0:
+    raise SampleError(f'corrector {method!r} needs the energy of what is sampled: write '
+                      'classifier-free guidance w as a composition of one condition with '
+                      'weight 1 + w (compose_labels / prompt_weights), or use ula or hmc')
+  try:  # host-side: the solver's own checks (a multistep history), before any loading
+    solvers.with_correctors(factories.make_solver(config, opts['settings']), **spec,
+                            energy_fn=(lambda x, t, cond: x) if adjusted else None)
+  except ValueError as e:
+    raise SampleError(f'corrector: {e}') from None
+  return spec
+
+
+def correct_solver(config, solver, opts, params):
+  """`solver` with opts['corrector']'s MCMC steps at every level (none: solver itself); the
+  energy of 'mala' / 'mhmc' is the model's, composed like the model function."""
+  spec = opts.get('corrector')
+  if spec is None:
+    return solver
+  energy_fn = None
+  if spec['method'] in solvers.correctors.ADJUSTED:
+    model = factories.create_model(config)
+    energy_fn = models.make_energy_fn(model, params)
+    if opts.get('compose_weights') is not None:
+      energy_fn = solvers.compose_energy(energy_fn, jnp.asarray(opts['compose_weights'],
+                                                                jnp.float32),
+                                         model.config.cond_spec())
+  return solvers.with_correctors(solver, **spec, energy_fn=energy_fn)

@@ -205,7 +205,9 @@ def sample_run(workdir: str, *, solver: str | None = None, steps: int | None = N
       classifier_workdir (a noisy classifier run that guides toward class_label, random
       classes when None) and classifier_scale (s, default 1); prompt_weights (one weight per
       prompt: AND for positive, NOT for negative weights); compose_labels (labels composed
-      like prompts) and label_weights.
+      like prompts) and label_weights; corrector ('ula', 'hmc', or 'mala' / 'mhmc' for an
+      energy-parameterised model), corrector_steps K (1), corrector_step_scale c (0.1) and
+      corrector_leapfrog L (3): MCMC steps at every noise level (`solvers.with_correctors`).
 
   Returns:
     dict(images uint8 [N, H, W, C], samples float32 [N, H, W, C] in [-1, 1] (unclipped),
@@ -266,6 +268,7 @@ def _options(config, workdir, control_args, prompts, negative_prompt, tokenizer,
   else:
     opts.update(prompts_lib.prompt_inputs(config, workdir, prompts, negative_prompt, opts,
                                           tokenizer=tokenizer))
+  opts['corrector'] = control.corrector_options(config, opts, c)
   return opts
 
 
@@ -283,9 +286,12 @@ def _model_fn(config, params, opts, rep):
   return jax.device_put(control.guide_model_fn(config, model_fn, opts), rep)
 
 
-def _plan(config, opts, inpainting, resample: int, jump_length: int) -> solvers.Plan:
-  """The solver of opts; with inpainting, wrapped in replacement and RePaint's plan."""
+def _plan(config, opts, inpainting, resample: int, jump_length: int,
+          params=None) -> solvers.Plan:
+  """The solver of opts (guided, with correctors: `jaxddpm.control`); with inpainting,
+  wrapped in replacement and RePaint's plan. params: the model's, for an energy corrector."""
   solver = control.guide_solver(factories.make_solver(config, opts['settings']), opts)
+  solver = control.correct_solver(config, solver, opts, params)
   if inpainting is None:
     return solvers.make_plan(solver)
   image, mask = inpainting
@@ -340,8 +346,8 @@ def _sample(config, params, opts, *, step, inpainting, inpaint_resample, inpaint
   num_classes = int(config.model.num_classes)
   rep = parallel.replicated(mesh)
   model_fn = _model_fn(config, params, opts, rep)
-  plan = jax.device_put(_plan(config, opts, inpainting, inpaint_resample, inpaint_jump_length),
-                        rep)
+  plan = jax.device_put(_plan(config, opts, inpainting, inpaint_resample, inpaint_jump_length,
+                              params), rep)
   init = _init_fn(plan, opts, num_classes, (opts['batch_size'], *shape))
   base_key = opts['key'] if opts.get('key') is not None else jax.random.key(opts['seed'])
   given = functools.partial(_given, opts)
@@ -374,7 +380,7 @@ def _sample(config, params, opts, *, step, inpainting, inpaint_resample, inpaint
   if bar is not None:
     bar.close()
   result = _result(outputs, labels, opts['num_samples'], step, inpainting)
-  result['nfe'] = opts['settings']['nfe']
+  result['nfe'] = plan.solver.nfe if opts.get('corrector') else opts['settings']['nfe']
   return result
 
 

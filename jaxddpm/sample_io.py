@@ -155,6 +155,11 @@ def default_output_dir(workdir: str, opts: dict[str, Any], *, step: int,
     what = repr((opts['compose_weights'], opts.get('compose_prompts'),
                  None if opts.get('labels') is None else opts['labels'][0].tolist()))
     parts.append(f'compose{hashlib.sha256(what.encode()).hexdigest()[:8]}')
+  corrector = opts.get('corrector')
+  if corrector is not None:
+    leapfrog = f'L{corrector["num_leapfrog"]}' if 'hmc' in corrector['method'] else ''
+    parts.append(f'{corrector["method"]}{corrector["num_steps"]}{leapfrog}'
+                 f'x{corrector["step_scale"]:g}')
   if inpainting is not None:
     digest = hashlib.sha256(b''.join(a.tobytes() for a in inpainting)).hexdigest()[:8]
     parts.append(f'inpaint{digest}')

@@ -12,6 +12,7 @@ import pytest
 
 from configs import tiny
 from jaxddpm import sample
+from jaxddpm import sample_io
 from jaxddpm import train
 from tests import test_noisy_classifier
 
@@ -35,9 +36,14 @@ def runs_dir(tmp_path_factory, make_sample_workdir):
   conditional.model.num_classes = 10
   conditional.model.class_dropout = 0.1
   cond_run = make_sample_workdir(root / 'cond', conditional)
+  energy = tiny.get_config()
+  energy.model.num_classes = 10
+  energy.model.class_dropout = 0.1
+  energy.model.energy = True
+  energy_run = make_sample_workdir(root / 'energy', energy)
   clf = str(root / 'clf')
   train.train_and_evaluate(tiny_clf_config(), clf)
-  return dict(root=root, base=base, cond=cond_run, clf=clf)
+  return dict(root=root, base=base, cond=cond_run, energy=energy_run, clf=clf)
 
 
 def _sample(runs_dir, name, workdir, **kwargs):
@@ -99,6 +105,30 @@ def test_two_composed_labels_are_the_weighted_sum(runs_dir):
   np.testing.assert_allclose(cancelled['samples'], null['samples'], atol=2e-5)
 
 
+@pytest.mark.parametrize('workdir, method', [('cond', 'hmc'), ('energy', 'mala')])
+def test_correctors_follow_the_composition(runs_dir, workdir, method):
+  """The corrector's score (ULA / HMC) or energy (MALA / MHMC) is the composed one: weights
+  (1, -1) on (4, 4) cancel to the null condition with correctors too; the correctors move the
+  samples and cost K L + 1 (HMC) or K + 1 (MALA) evaluations at each inner level."""
+  steps, k = 5, 2
+  corrector = dict(corrector=method, corrector_steps=k, corrector_step_scale=0.2)
+  null = _sample(runs_dir, f'{method}_null', runs_dir[workdir], steps=steps,
+                 control=dict(compose_labels=[4], label_weights='0', **corrector))
+  cancelled = _sample(runs_dir, f'{method}_cancel', runs_dir[workdir], steps=steps,
+                      control=dict(compose_labels=[4, 4], label_weights='1,-1', **corrector))
+  np.testing.assert_allclose(cancelled['samples'], null['samples'], atol=1e-4)
+  plain = _sample(runs_dir, f'{method}_plain', runs_dir[workdir], steps=steps,
+                  control=dict(compose_labels=[4], label_weights='0'))
+  assert np.abs(plain['samples'] - null['samples']).max() > 1e-3
+  per_level = k * 3 + 1 if method == 'hmc' else k + 1
+  assert null['nfe'] == plain['nfe'] + (steps - 1) * per_level, (null['nfe'], plain['nfe'])
+  opts = dict(solver='ddim', steps=steps, seed=0, class_label=None, guidance_scale=0.0,
+              num_samples=8, batch_size=8,
+              corrector=dict(method=method, num_steps=k, step_scale=0.2, num_leapfrog=3))
+  name = os.path.basename(sample_io.default_output_dir('w', opts, step=0))
+  assert ('_hmc2L3x0.2_' if method == 'hmc' else '_mala2x0.2_') in name, name
+
+
 @pytest.mark.parametrize('workdir, kwargs, match', [
     ('base', dict(control=dict(classifier_workdir='base')), 'not a noisy classifier'),
     ('base', dict(control=dict(classifier_workdir='missing')), 'classifier_workdir'),
@@ -113,6 +143,16 @@ def test_two_composed_labels_are_the_weighted_sum(runs_dir):
     ('cond', dict(guidance_scale=1.0, control=dict(compose_labels=[1])), 'guidance_scale'),
     ('cond', dict(control=dict(label_weights='1')), 'needs compose_labels'),
     ('cond', dict(control=dict(weights='1')), 'unknown control'),
+    ('base', dict(control=dict(corrector_steps=2)), 'need corrector'),
+    ('base', dict(control=dict(corrector='gibbs')), 'unknown corrector'),
+    ('base', dict(control=dict(corrector='mala')), 'energy-parameterised'),
+    ('base', dict(control=dict(corrector='ula', corrector_steps=0)), '>= 1'),
+    ('base', dict(control=dict(corrector='hmc', corrector_step_scale=-1.0)), 'step_scale > 0'),
+    ('base', dict(solver='dpmpp_2m', control=dict(corrector='ula')), 'multistep'),
+    ('base', dict(solver='ddpm', control=dict(corrector='ula', classifier_workdir='clf')),
+     'classifier guidance'),
+    ('energy', dict(class_label=1, guidance_scale=1.0, control=dict(corrector='mala')),
+     'composition of one condition'),
 ])
 def test_bad_arguments_are_one_clear_error(runs_dir, workdir, kwargs, match):
   control = kwargs.get('control', {})
